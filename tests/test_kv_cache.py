@@ -13,6 +13,7 @@ from conftest import image_inputs, upstream_model
 
 import vlmcompress
 from vlmcompress.cache import KV_METHODS, CompressedCache, SnapKVCache
+from vlmcompress.cache.base import passed_cache
 from vlmcompress.testing import ARCHITECTURES
 
 METHODS = sorted(KV_METHODS)
@@ -94,7 +95,7 @@ def masked_reference_logits(path, inputs, kept_indices, new_tokens=2):
             hidden = kwargs["hidden_states"]
             if hidden.shape[1] != 1:
                 return None  # prefill runs unmasked, as in the compressed model
-            total = kwargs["past_key_values"].get_seq_length(module.layer_idx) + 1
+            total = passed_cache(kwargs).get_seq_length(module.layer_idx) + 1
             step_kept = kept[total - prompt - 1] if isinstance(kept, list) else kept
             b, h = step_kept.shape[:2]
             allowed = torch.zeros(b, h, total, dtype=torch.bool)

@@ -13,7 +13,7 @@ from conftest import upstream_model
 from PIL import Image
 
 import vlmcompress
-from vlmcompress.cache.base import visual_token_ids
+from vlmcompress.cache.base import passed_cache, visual_token_ids
 from vlmcompress.pruning import (
     PRUNE_METHODS, allocate, fastv_keep, iqr_outlier_count, keep_count, prefill_flops, prumerge_plus_select,
     prumerge_select, validate_prune_args, visionzip_select,
@@ -254,7 +254,7 @@ def test_fastv_equals_masking_the_dropped_tokens_in_layers_from_k(tiny_dirs, pro
         mask = kwargs.get("attention_mask")
         query = (args[0] if args else kwargs["hidden_states"]).shape[1]
         if mask is None:  # decoding without padding: build the (all-visible) mask to edit
-            past = kwargs["past_key_values"].layers[module.layer_idx].get_seq_length()
+            past = passed_cache(kwargs).layers[module.layer_idx].get_seq_length()
             mask = torch.zeros(1, 1, query, past + query, dtype=torch.float64)
         keys = mask.shape[-1]
         drop = torch.zeros(keys, dtype=torch.bool)

@@ -21,6 +21,7 @@ on the model's first forward call after the cache was made.
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -63,6 +64,17 @@ def language_model_of(model: torch.nn.Module) -> torch.nn.Module:
         if candidate is not None and hasattr(candidate, "layers"):
             return candidate
     raise ValueError(f"{type(model).__name__} has no decoder layers that a KV cache can attach to")
+
+
+def passed_cache(arguments: dict):
+    """The KV cache a forward was called with: `cache=` since transformers 5.24, `past_key_values=` before."""
+    return arguments.get("cache", arguments.get("past_key_values"))
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name `model.forward` takes its KV cache under (`cache` since transformers 5.24, which still
+    accepts `past_key_values` but warns)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def visual_token_ids(config) -> list[int]:
@@ -581,7 +593,7 @@ def _embedding_pre_hook(ref, module, args):
 
 def _attention_pre_hook(ref, module, args, kwargs):
     cache = ref()
-    if cache is None or kwargs.get("past_key_values") is not cache:
+    if cache is None or passed_cache(kwargs) is not cache:
         return None
     if module.layer_idx >= len(cache.layers) or not cache.layers[module.layer_idx].compressed:
         return None
@@ -595,8 +607,8 @@ def _attention_post_hook(ref, module, args, kwargs, output):
     cache = ref()
     if cache is None:
         return None
-    arguments = kwargs if "past_key_values" in kwargs else bind_attention_arguments(module, args, kwargs)
-    if arguments.get("past_key_values") is not cache:
+    arguments = kwargs if passed_cache(kwargs) is not None else bind_attention_arguments(module, args, kwargs)
+    if passed_cache(arguments) is not cache:
         return None
     if "hidden_states" not in arguments:
         arguments = bind_attention_arguments(module, args, kwargs)

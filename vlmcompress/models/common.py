@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from ..cache import CompressedCache
-from ..cache.base import visual_token_ids
+from ..cache.base import cache_argument, passed_cache, visual_token_ids
 from ..config import CompressionSettings
 
 
@@ -42,9 +42,9 @@ class CompressionMixin:
         return self.compression.kv.make_cache().attach(self)
 
     def generate(self, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = passed_cache(kwargs)
         if cache is None:
-            cache = kwargs["past_key_values"] = self.make_cache()
+            cache = kwargs[cache_argument(self)] = self.make_cache()
         elif isinstance(cache, CompressedCache):
             cache.attach(self)
         input_ids = kwargs.get("input_ids", args[0] if args else None)

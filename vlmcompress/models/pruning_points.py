@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache.attention import bind_attention_arguments
-from ..cache.base import language_model_of, visual_token_ids
+from ..cache.base import language_model_of, passed_cache, visual_token_ids
 from ..pruning import allocate, fastv_keep, get_method, keep_count
 from ..pruning.scores import last_token_attention, vision_scores
 
@@ -393,10 +393,10 @@ def model_pre_hook(model, args, kwargs):
     if settings is None:
         return None
     input_ids = kwargs.get("input_ids", args[0] if args else None)
-    cache = kwargs.get("past_key_values")
+    cache = passed_cache(kwargs)
     prefill = cache is None or cache.get_seq_length() == 0
     if prefill:
-        inputs = {k: v for k, v in kwargs.items() if k not in ("past_key_values",)}
+        inputs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
         if not kwargs.get("mm_encoder_outputs"):
             runtime.calls = {}  # this forward encodes the images itself (else `generate` just did)
         runtime.begin(input_ids, inputs)
@@ -466,7 +466,7 @@ def _language_model_pre_hook(runtime: PruningRuntime, module, args, kwargs):
             length = st.input_ids.shape[1]
             position_ids = torch.arange(length, device=embeds.device)[None].expand(embeds.shape[0], -1)
         kwargs["position_ids"] = gather_sequence(position_ids, st.index, -1)
-        runtime.set_cache_visual_mask(kwargs.get("past_key_values"))
+        runtime.set_cache_visual_mask(passed_cache(kwargs))
         return args, kwargs
     if st.index is None:
         return None
@@ -494,7 +494,7 @@ def _pruned_layer_pre_hook(runtime: PruningRuntime, layer, args, kwargs):
     if st.phase == "prefill":
         if hidden.shape[1] == full:
             hidden = gather_sequence(hidden, st.index, 1)
-            runtime.set_cache_visual_mask(kwargs.get("past_key_values"))
+            runtime.set_cache_visual_mask(passed_cache(kwargs))
         cos, sin = kwargs["position_embeddings"]
         if cos.shape[-2] == full:
             kwargs["position_embeddings"] = (gather_sequence(cos, st.index, -2), gather_sequence(sin, st.index, -2))

@@ -18,6 +18,12 @@ from ..common import CompressionMixin
 from ..pruning_points import PruningMixin, TokenMaps, VisionAdapter
 
 
+def video_frames(inputs: dict) -> torch.Tensor:
+    """The videos `get_video_features` was called with: its `pixel_values_videos` (`pixel_values` before
+    transformers 5.18)."""
+    return inputs["pixel_values_videos"] if "pixel_values_videos" in inputs else inputs["pixel_values"]
+
+
 class LlavaOnevisionAdapter(VisionAdapter):
     score_mode = "mean"
 
@@ -82,7 +88,7 @@ class LlavaOnevisionAdapter(VisionAdapter):
             out["image"] = finish(torch.cat(packed), heads, dim, [p.shape[0] for p in packed])
         if "video" in calls and calls["video"][1]:
             inputs, records = calls["video"]
-            videos = inputs["pixel_values_videos"]
+            videos = video_frames(inputs)
             maps, heads, dim = as_map(records)
             pooled = inner.apply_pooling(maps)
             pooled = pooled.reshape(videos.shape[0], -1, pooled.shape[-1])
@@ -102,7 +108,7 @@ class LlavaOnevisionAdapter(VisionAdapter):
             crops = sum(self._image_patches(model, calls["image"][0]))
             fake["image"] = (calls["image"][0], [(torch.zeros(crops, n), torch.zeros(crops, n, 1, 1))])
         if "video" in calls:
-            frames = calls["video"][0]["pixel_values_videos"].shape[:2].numel()
+            frames = video_frames(calls["video"][0]).shape[:2].numel()
             fake["video"] = (calls["video"][0], [(torch.zeros(frames, n), torch.zeros(frames, n, 1, 1))])
         return {modality: maps.protected for modality, maps in self.token_maps(model, fake).items()}
 
