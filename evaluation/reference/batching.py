@@ -20,28 +20,45 @@ KNOWN_KEYS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "
               "mm_token_type_ids"}
 
 
-def training_texts(processor, samples: list[dict], rng=None, suffix_p: float = 0.5) -> tuple[list[str], list[str]]:
-    """Chat text `prompt + answer + <|im_end|>` per sample (half of them with the short-answer suffix)."""
-    texts, answers = [], []
+def follow_up_prompt(processor, question: str) -> str:
+    """A later user turn (no image), ending where the answer starts."""
+    content = [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def training_texts(processor, samples: list[dict], rng=None, suffix_p: float = 0.5) -> tuple[list[str], list[list]]:
+    """Chat text of each sample's conversation and the character spans of its answers (with <|im_end|>).
+
+    A sample's "turns" (or its one question) become user/assistant turns, the image in the first;
+    half of the questions (with `rng`) end with the short-answer suffix.
+    """
+    eos = processor.tokenizer.eos_token
+    texts, spans = [], []
     for s in samples:
-        question = s["question"]
-        if rng is not None and rng.random() < suffix_p:
-            question += synthvqa.SHORT_ANSWER
-        answer = s["answers"][0]
-        texts.append(models.chat_prompt(processor, question) + answer + processor.tokenizer.eos_token)
-        answers.append(answer)
-    return texts, answers
+        text, sample_spans = "", []
+        for k, (question, answer) in enumerate(s.get("turns") or [(s["question"], s["answers"][0])]):
+            if rng is not None and rng.random() < suffix_p:
+                question += synthvqa.SHORT_ANSWER
+            text += models.chat_prompt(processor, question) if k == 0 else "\n" + follow_up_prompt(processor, question)
+            sample_spans.append((len(text), len(text) + len(answer) + len(eos)))
+            text += answer + eos
+        texts.append(text)
+        spans.append(sample_spans)
+    return texts, spans
 
 
-def answer_labels(tokenizer, input_ids: np.ndarray, answers: list[str]) -> np.ndarray:
-    """Labels for a LEFT-padded batch whose rows end with `answer<|im_end|>`: -100 except those tokens."""
+def answer_labels(tokenizer, input_ids: np.ndarray, texts: list[str], spans: list[list]) -> np.ndarray:
+    """Labels for a LEFT-padded batch of `texts` (image placeholders expanded): -100 except the answer spans."""
     labels = np.full_like(input_ids, -100)
-    for i, answer in enumerate(answers):
-        ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        tail = input_ids[i, -len(ids):].tolist()
-        if tail != ids:
-            raise RuntimeError(f"answer {answer!r} does not tokenize the same at the end of the prompt: {tail} vs {ids}")
-        labels[i, -len(ids):] = input_ids[i, -len(ids):]
+    for i, (text, answer_spans) in enumerate(zip(texts, spans)):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if input_ids[i, -len(ids):].tolist() != ids:
+            raise RuntimeError(f"row {i} of the batch is not the tokenized text {text[:80]!r}...")
+        start = input_ids.shape[1] - len(ids)
+        for j, (a, b) in enumerate(offsets):
+            if any(lo <= a and b <= hi for lo, hi in answer_spans) and b > a:
+                labels[i, start + j] = ids[j]
     return labels
 
 
@@ -77,10 +94,13 @@ class Batcher:
 
     def cpu_batch(self, samples: list[dict], rng=None) -> dict:
         """A dict of numpy arrays: the processor's text-side keys, `labels`, and `images_u8` (or `pixel_values`)."""
-        texts, answers = training_texts(self.processor, samples, rng)
+        texts, spans = training_texts(self.processor, samples, rng)
         images = [s["image"] for s in samples]
+        expanded = [t.replace(self.image_token, self.image_token * self.n_image_tokens, 1) for t in texts]
+        # the expansion comes before every answer: shift the answer spans by its length
+        shift = len(self.image_token) * (self.n_image_tokens - 1)
+        spans = [[(a + shift, b + shift) for a, b in sample_spans] for sample_spans in spans]
         if self.fast:
-            expanded = [t.replace(self.image_token, self.image_token * self.n_image_tokens, 1) for t in texts]
             enc = self.tokenizer(expanded, padding=True, padding_side="left", return_tensors="np")
             out = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
             if self.mm_value is not None:
@@ -94,7 +114,7 @@ class Batcher:
             out = {k: np.asarray(v) for k, v in
                    self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="np").items()}
             out["pixel_values"] = out["pixel_values"].astype(np.float16)
-        out["labels"] = answer_labels(self.tokenizer, out["input_ids"], answers)
+        out["labels"] = answer_labels(self.tokenizer, out["input_ids"], expanded, spans)
         return out
 
     # ---------------------------------------------------------------- device side (training process)

@@ -60,6 +60,7 @@ def build_model(model_type: str, tokenizer=None, seed: int = 0):
     template = _chat_template(model_type)
     no_bos = dict(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     text = dict(TEXT, vocab_size=len(tokenizer), **no_bos)
+    norm = dict(image_mean=list(synthvqa.IMAGE_MEAN), image_std=list(synthvqa.IMAGE_STD))
     torch.manual_seed(seed)
     if model_type == "qwen2_vl":
         from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
@@ -76,7 +77,7 @@ def build_model(model_type: str, tokenizer=None, seed: int = 0):
         )
         pixels = SIZE * SIZE
         processor = Qwen2VLProcessor(
-            image_processor=Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels),
+            image_processor=Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, **norm),
             tokenizer=tokenizer, chat_template=template,
             video_processor=Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels),
         )
@@ -94,7 +95,7 @@ def build_model(model_type: str, tokenizer=None, seed: int = 0):
         )
         processor = LlavaOnevisionProcessor(
             image_processor=LlavaOnevisionImageProcessor(size={"height": SIZE, "width": SIZE},
-                                                         image_grid_pinpoints=[[SIZE, SIZE]]),
+                                                         image_grid_pinpoints=[[SIZE, SIZE]], **norm),
             tokenizer=tokenizer, num_image_tokens=(SIZE // 28) ** 2,
             video_processor=LlavaOnevisionVideoProcessor(size={"height": SIZE, "width": SIZE}),
             vision_feature_select_strategy="full", chat_template=template,

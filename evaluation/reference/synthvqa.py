@@ -53,6 +53,15 @@ SIZES = ("big", "small")
 WORDS = ("cat", "dog", "sun", "tree", "fish", "book", "star", "moon", "bird", "door", "lamp", "ship",
          "rain", "king", "gold", "wolf", "cake", "milk", "road", "frog")
 QUESTION_TYPES = ("attribute", "count", "relation", "ocr", "long_context")
+# Training only (never in validation or test): a dense description of every cell. Its ~100 supervised
+# answer tokens per image make the vision encoder carry each cell's content from the first steps; with
+# one-token answers alone, models trained from scratch collapsed the visual tokens to a constant.
+TRAINING_TYPES = QUESTION_TYPES + ("describe",)
+DESCRIBE_QUESTION = "Describe every cell of the grid."
+# Per-channel mean and std of the training images (RGB, in [0, 1]; measured on 300 of them). The
+# processors normalise with these, so the near-white background is near zero and the shapes stand out.
+IMAGE_MEAN = (0.90, 0.89, 0.89)
+IMAGE_STD = (0.17, 0.18, 0.21)
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 SPLIT_SIZES = {"train": 20000, "validation": 600, "test": 1000}
 
@@ -265,25 +274,87 @@ def _long_context(rng):
     return {"objects": objects, "text": None}, question, f"{size} {color} {shape}"
 
 
+def _describe(rng):
+    cells = list(range(GRID * GRID))
+    rng.shuffle(cells)
+    n = rng.randint(3, 12)
+    objects = _random_objects(rng, cells[:n])
+    text = _maybe_text(rng, cells[n:], p=0.5)
+    parts = []
+    for cell in range(GRID * GRID):
+        if cell in objects:
+            content = " ".join(objects[cell])
+        elif text and text[0] == cell:
+            content = text[1]
+        else:
+            content = "empty"
+        parts.append(f"{_where(cell)}: {content}.")
+    return {"objects": objects, "text": text}, DESCRIBE_QUESTION, " ".join(parts)
+
+
 _BUILDERS = {"attribute": _attribute, "count": _count, "relation": _relation, "ocr": _ocr,
-             "long_context": _long_context}
+             "long_context": _long_context, "describe": _describe}
+
+
+def _draw(split: str, index: int, question_type: str | None):
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    qtype = question_type or QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    if qtype not in _BUILDERS:
+        raise ValueError(f"unknown question type {qtype!r}; choose one of {TRAINING_TYPES}")
+    rng = random.Random(f"synthvqa/{split}/{index}/{qtype}")
+    scene, question, answer = _BUILDERS[qtype](rng)
+    return qtype, scene, question, answer, render(scene, rng), rng
 
 
 def make_sample(split: str, index: int, question_type: str | None = None) -> dict:
     """Sample `index` of `split`: {question_id, image, question, answers, question_type}.
 
-    The type is `QUESTION_TYPES[index % 5]` unless given, so every split is balanced.
+    The type is `QUESTION_TYPES[index % 5]` unless given, so every split is balanced; the
+    training-only type "describe" is drawn only when asked for.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
-    qtype = question_type or QUESTION_TYPES[index % len(QUESTION_TYPES)]
-    if qtype not in _BUILDERS:
-        raise ValueError(f"unknown question type {qtype!r}; choose one of {QUESTION_TYPES}")
-    rng = random.Random(f"synthvqa/{split}/{index}/{qtype}")
-    scene, question, answer = _BUILDERS[qtype](rng)
-    image = render(scene, rng)
+    qtype, _, question, answer, image, _ = _draw(split, index, question_type)
     return {"question_id": f"{split}-{index:06d}", "image": image, "question": question, "answers": [answer],
             "question_type": qtype}
+
+
+def scene_questions(scene: dict, rng: random.Random, k: int) -> list[tuple[str, str]]:
+    """Up to `k` more (question, answer) pairs about `scene`, worded as the benchmark words them.
+
+    Training asks them as follow-up turns about the same image: each image (whose encoding is most of
+    a training step's cost) then teaches several answers instead of one.
+    """
+    objects, text = scene["objects"], scene.get("text")
+    pool = []
+    for cell, (size, color, shape) in objects.items():
+        pool += [(f"What color is the shape in {_where(cell)}?", color), (f"What shape is in {_where(cell)}?", shape),
+                 (f"What size is the shape in {_where(cell)}?", size)]
+    for color in COLORS:
+        pool.append((f"How many {color} shapes are there?", str(sum(c == color for _, c, _ in objects.values()))))
+    for shape in SHAPES:
+        pool.append((f"How many {shape}s are there?", str(sum(s == shape for _, _, s in objects.values()))))
+    for a, (_, col_a, sh_a) in objects.items():
+        for b, (_, col_b, sh_b) in objects.items():
+            (ra, ca), (rb, cb) = _row_col(a), _row_col(b)
+            if a != b and (ra == rb or ca == cb):
+                answer = ("left" if ca < cb else "right") if ra == rb else ("above" if ra < rb else "below")
+                pool.append((f"Where is the {col_a} {sh_a} relative to the {col_b} {sh_b}?", answer))
+    if text:
+        pool.append((rng.choice(("What is written in the grid?", "What word or number is written in the grid?")),
+                     text[1]))
+    return rng.sample(pool, min(k, len(pool)))
+
+
+def make_training_sample(index: int, question_type: str | None = None, follow_ups: int = 0) -> dict:
+    """Training sample `index`: make_sample's keys plus "turns", the (question, answer) conversation.
+
+    The first turn is the benchmark question; `follow_ups` more are drawn by `scene_questions`.
+    """
+    qtype, scene, question, answer, image, rng = _draw("train", index, question_type)
+    more = [t for t in scene_questions(scene, rng, follow_ups + 1) if t[0] != question][:follow_ups]
+    turns = [(question, answer)] + more
+    return {"question_id": f"train-{index:06d}", "image": image, "question": question, "answers": [answer],
+            "question_type": qtype, "turns": turns}
 
 
 def features():
@@ -319,7 +390,7 @@ def text_corpus(n_per_type: int = 400) -> list[str]:
     """Every kind of text the benchmark produces (questions, answers, fixed phrases), for the tokenizer."""
     lines = [SHORT_ANSWER, " ".join(WORDS), " ".join(COLORS), " ".join(SHAPES), " ".join(SIZES),
              " ".join(str(i) for i in range(100)), "left right above below", "row column"]
-    for qtype in QUESTION_TYPES:
+    for qtype in TRAINING_TYPES:
         for i in range(n_per_type):
             rng = random.Random(f"corpus/{qtype}/{i}")
             _, question, answer = _BUILDERS[qtype](rng)

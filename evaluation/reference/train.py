@@ -49,15 +49,16 @@ class TrainStream(torch.utils.data.IterableDataset):
     arrays (sent through the workers' pipes) or, with `tensors`, of tensors (sent through shared memory).
     """
 
-    def __init__(self, batcher: Batcher, batch_size: int, seed: int = 0, tensors: bool = True):
+    def __init__(self, batcher: Batcher, batch_size: int, seed: int = 0, tensors: bool = True, follow_ups: int = 0):
         self.batcher, self.batch_size, self.seed, self.tensors = batcher, batch_size, seed, tensors
-        self.weights = torch.ones(len(synthvqa.QUESTION_TYPES)).share_memory_()
+        self.follow_ups = follow_ups
+        self.weights = torch.ones(len(synthvqa.TRAINING_TYPES)).share_memory_()
 
     def batch(self, b: int) -> dict:
         rng = random.Random(f"mix/{self.seed}/{b}")
         weights = self.weights.tolist()
         start = self.seed * 100_000_000 + b * self.batch_size
-        samples = [synthvqa.make_sample("train", i, rng.choices(synthvqa.QUESTION_TYPES, weights)[0])
+        samples = [synthvqa.make_training_sample(i, rng.choices(synthvqa.TRAINING_TYPES, weights)[0], self.follow_ups)
                    for i in range(start, start + self.batch_size)]
         out = self.batcher.cpu_batch(samples, rng)
         return {k: torch.from_numpy(v) for k, v in out.items()} if self.tensors else out
@@ -87,9 +88,12 @@ def split_rows(split: str, n: int) -> Rows:
     return Rows(synthvqa.make_sample(split, i) for i in range(n))
 
 
+DESCRIBE_WEIGHT = 1.0  # the share of dense descriptions stays fixed (see synthvqa.TRAINING_TYPES)
+
+
 def type_weights(acc: dict) -> list[float]:
     """More training on the question types the model gets wrong more often (validation accuracy)."""
-    return [0.2 + 1.0 - acc["per_type"].get(t, 0.0) for t in synthvqa.QUESTION_TYPES]
+    return [0.2 + 1.0 - acc["per_type"].get(t, 0.0) for t in synthvqa.QUESTION_TYPES] + [DESCRIBE_WEIGHT]
 
 
 def _worker_init(_):
@@ -165,8 +169,8 @@ def train_one(arch: str, args) -> dict:
     tensors = not args.pipes and shm >= args.batch_size * 0.25 * 2**20 * 4 * max(1, args.workers) * 2 * 2
     log(f"batches: {'fast (uint8 images, pixel_values made on the device)' if batcher.fast else 'processor'}, "
         f"sent through {'shared memory' if tensors else 'pipes'} (/dev/shm free: {shm / 2**30:.1f} GiB)")
-    stream = TrainStream(batcher, args.batch_size, args.seed, tensors)
-    stream.weights.copy_(torch.tensor([0.8, 1.4, 1.0, 1.0, 0.8]))  # a head start for counting, the hardest
+    stream = TrainStream(batcher, args.batch_size, args.seed, tensors, args.follow_ups)
+    stream.weights.copy_(torch.tensor([0.8, 1.4, 1.0, 1.0, 0.8, 2 * DESCRIBE_WEIGHT]))  # descriptions first
     log(f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, device {device}, "
         f"params {n_params / 1e6:.2f} M, vocab {len(tokenizer)}")
 
@@ -184,7 +188,7 @@ def train_one(arch: str, args) -> dict:
         pin_memory=False, prefetch_factor=4 if args.workers else None, persistent_workers=bool(args.workers),
     )
     budget = args.minutes * 60.0
-    history, step, seen, losses = [], 0, 0, []
+    history, step, seen, losses, skipped = [], 0, 0, [], 0
     train_time, last_eval = 0.0, 0.0
     start = time.time()
     it = iter(loader)
@@ -200,8 +204,15 @@ def train_one(arch: str, args) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        # a non-finite gradient would turn every weight into NaN for good (seen once on LLaVA-OneVision):
+        # skip that update and say so
+        if torch.isfinite(grad_norm):
+            opt.step()
+        else:
+            skipped += 1
+            if skipped in (1, 10, 100) or skipped % 1000 == 0:
+                log(f"step {step}: non-finite loss {loss.item():.4g} or gradient norm, update skipped ({skipped} so far)")
         opt.zero_grad(set_to_none=True)
         step += 1
         seen += batch["input_ids"].shape[0]
@@ -222,7 +233,7 @@ def train_one(arch: str, args) -> dict:
                             "type_weights": [round(w, 3) for w in stream.weights.tolist()]})
             log(f"step {step} validation {_fmt(acc)}")
     train_time = time.time() - start
-    log(f"trained {step} steps ({seen} samples) in {train_time:.0f} s")
+    log(f"trained {step} steps ({seen} samples, {skipped} updates skipped) in {train_time:.0f} s")
     del it, loader
 
     model.eval()
@@ -237,7 +248,8 @@ def train_one(arch: str, args) -> dict:
     processor.save_pretrained(out)
     metrics = {
         "arch": arch, "params": n_params, "steps": step, "samples": seen, "train_seconds": round(train_time, 1),
-        "batch_size": args.batch_size, "lr": args.lr, "device": str(device),
+        "batch_size": args.batch_size, "lr": args.lr, "follow_ups": args.follow_ups, "skipped_updates": skipped,
+        "device": str(device),
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "transformers": __import__("transformers").__version__, "torch": torch.__version__,
         "python": platform.python_version(),
@@ -327,9 +339,11 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=5.5, help="optimisation time per architecture")
     p.add_argument("--max-steps", type=int, default=10**9)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--follow-ups", type=int, default=5,
+                   help="more questions about each training image, asked as later turns (synthvqa.scene_questions)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per architecture")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
     p.add_argument("--val-n", type=int, default=synthvqa.SPLIT_SIZES["validation"])
