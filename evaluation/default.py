@@ -1,20 +1,45 @@
 """The embedded default run (`python evaluation/run.py` with no arguments): no network, a few CPU minutes.
 
-Everything the default uses is set here, in one place: which checkpoint (today a tiny random-weight
-model built by vlmcompress.testing; a later issue swaps in a small trained one by changing
-`DEFAULT["model"]`), which local tasks, and which configs. Model and data are built once and kept
-under `DEFAULT_HOME` (env VLMCOMPRESS_EVAL_HOME, default ~/.cache/vlmcompress/evaluation).
+Everything the default uses is set here, in one place (`DEFAULT`):
+
+- When a trained SynthVQA reference checkpoint exists (`CHECKPOINTS/<arch>/model.safetensors`, the
+  first of `DEFAULT["reference"]["archs"]` found; Qwen2-VL first), the run uses it on a balanced
+  subset of the SynthVQA test split: the baseline, every KV-cache method and every visual-token
+  pruning method at a few budgets. The keys of `DEFAULT["reference"]` replace the top-level ones.
+- Otherwise (or with `DEFAULT["reference"] = None`) it runs what it always did: a tiny random-weight
+  model built by vlmcompress.testing on small local copies of a few benchmarks. Its accuracies are
+  meaningless; the printed header says so.
+
+Model (tiny only) and data are built once and kept under `DEFAULT_HOME` (env VLMCOMPRESS_EVAL_HOME,
+default ~/.cache/vlmcompress/evaluation), with results in `DEFAULT_HOME/results` (results.json,
+results.md, pareto.png) and a response cache that a retrained checkpoint or a changed benchmark
+generator does not reuse.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
+log = logging.getLogger("evaluation")
+
 DEFAULT_HOME = Path(os.environ.get("VLMCOMPRESS_EVAL_HOME", Path.home() / ".cache" / "vlmcompress" / "evaluation"))
+# where evaluation/reference/train.py's checkpoints are copied (evaluation/reference/README.md)
+CHECKPOINTS = Path(__file__).resolve().parent / "reference" / "checkpoints"
+
+
+def grid(kind: str, methods: dict[str, dict], budgets: list[float]) -> list[dict]:
+    """Every method at every budget: kind "kv" -> {"kv": m, "kv_budget": b, **options}, same for "prune"."""
+    return [{kind: method, f"{kind}_budget": budget, **options} for method, options in methods.items()
+            for budget in budgets]
+
 
 DEFAULT = {
+    # --- the fallback (no trained checkpoint): today's tiny random-weight model -----------------------------
     # "tiny:<arch>" builds a random-weight checkpoint with vlmcompress.testing; any other value is a
     # hub id or folder passed to vlmcompress.load as is.
     "model": "tiny:qwen2_vl",
@@ -33,38 +58,197 @@ DEFAULT = {
     "gen_kwargs": {"max_new_tokens": 8},
     "batch_size": 2,
     "seed": 0,
+    # --- with a trained reference checkpoint: these keys replace the ones above ---------------------------
+    "reference": {
+        "archs": ["qwen2_vl", "llava_onevision"],  # the first with CHECKPOINTS/<arch>/model.safetensors wins
+        "tasks": ["synthvqa"],
+        # the first N test questions; the split cycles through the 5 question types, so N=50 is 10 of each
+        "samples_per_task": 50,
+        # the question-aware methods look at the last 16 prompt tokens (the question; what the
+        # reference tests use); the short prompts are ~120 tokens, the long-context ones ~300
+        "configs": grid("kv", {"streamingllm": {}, "h2o": {}, "snapkv": {"window_size": 16},
+                               "pyramidkv": {"window_size": 16}, "vlcache": {"window_size": 16}},
+                        [0.1, 0.2, 0.5]),
+        "prune_configs": grid("prune", {"fastv": {}, "visionzip": {}, "prumerge": {}, "prumerge+": {}},
+                              [0.25, 0.5]),
+        "gen_kwargs": {"max_new_tokens": 8},
+        "batch_size": 10,
+    },
 }
 
 
-def prepare(home: str | Path | None = None, spec: dict | None = None) -> dict:
-    """Build (once) the default checkpoint and local datasets; returns the run's arguments."""
+# --------------------------------------------------------------------------- choosing the checkpoint
+
+
+def find_checkpoint(archs, checkpoints: str | Path | None = None) -> tuple[str, Path] | None:
+    """(arch, folder) of the first arch with a trained checkpoint under `checkpoints`, or None."""
+    root = Path(checkpoints if checkpoints is not None else CHECKPOINTS)
+    for arch in archs:
+        if (root / arch / "model.safetensors").is_file():
+            return arch, root / arch
+    return None
+
+
+def resolve(spec: dict | None = None, checkpoints: str | Path | None = None) -> dict:
+    """The spec the default runs: the reference one when a checkpoint is found, else the fallback.
+
+    Returns the spec's keys plus "mode" ("reference" or "tiny"), "arch" and, for the reference mode,
+    "model" set to the checkpoint folder.
+    """
     spec = DEFAULT if spec is None else spec
+    base = {k: v for k, v in spec.items() if k != "reference"}
+    reference = spec.get("reference")
+    found = find_checkpoint(reference["archs"], checkpoints) if reference else None
+    if found is None:
+        model = str(base["model"])
+        arch = model.split(":", 1)[1] if model.startswith("tiny:") else None
+        mode = "tiny" if model.startswith("tiny:") else "model"
+        searched = [str(Path(checkpoints if checkpoints is not None else CHECKPOINTS) / a / "model.safetensors")
+                    for a in (reference or {}).get("archs", [])]
+        return dict(base, mode=mode, arch=arch, searched=searched)
+    arch, folder = found
+    out = dict(base, **{k: v for k, v in reference.items() if k != "archs"})
+    return dict(out, model=str(folder), mode="reference", arch=arch, searched=[])
+
+
+# --------------------------------------------------------------------------- fingerprints (cache validity)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def file_fingerprint(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def data_fingerprint(tasks) -> str:
+    """The source of the generators of builder tasks (SynthVQA): a changed benchmark invalidates the copies."""
+    from .tasks.synthetic import builder
+
+    parts = []
+    for name in tasks:
+        build = builder(name)
+        if build is not None:
+            parts.append(inspect.getsource(inspect.getmodule(build)))
+    return _sha("\n".join(parts).encode()) if parts else ""
+
+
+# --------------------------------------------------------------------------- the header
+
+
+def _configs_text(configs: list[dict]) -> str:
+    groups: dict[tuple[str, str], list] = {}
+    for c in configs:
+        kind = "kv" if c.get("kv") else "prune" if c.get("prune") else "other"
+        groups.setdefault((kind, c.get(kind, "?")), []).append(c.get(f"{kind}_budget"))
+    kv = [f"{m}@{'/'.join(str(b) for b in bs)}" for (k, m), bs in groups.items() if k == "kv"]
+    prune = [f"{m}@{'/'.join(str(b) for b in bs)}" for (k, m), bs in groups.items() if k == "prune"]
+    parts = [f"{sum(1 for c in configs if c.get('kv'))} KV ({', '.join(kv)})"] if kv else []
+    parts += [f"{sum(1 for c in configs if c.get('prune'))} pruning ({', '.join(prune)})"] if prune else []
+    return "baseline + " + " + ".join(parts) if parts else "baseline"
+
+
+def header(d: dict) -> str:
+    lines = ["=" * 100, "vlmcompress evaluation: the embedded default (no arguments; everything set in evaluation/default.py)"]
+    if d["mode"] == "reference":
+        lines.append(f"  model:   TRAINED SynthVQA reference checkpoint, {d['arch']} ({d['pretrained']})")
+        n = d["samples_per_task"]
+        lines.append(f"  tasks:   {', '.join(d['tasks'])}: the first {n} test questions"
+                     + (" (balanced over the 5 question types)" if n % 5 == 0 else ""))
+    else:
+        missing = ", ".join(d["searched"]) or "reference checkpoints disabled"
+        if d["mode"] != "tiny":
+            lines.append(f"  model:   {d['pretrained']} (no trained reference checkpoint: {missing})")
+        else:
+            lines.append(f"  model:   TINY RANDOM-WEIGHT {d['arch']} model: no trained reference checkpoint was found "
+                         f"({missing})")
+            lines.append("           -> accuracies are meaningless (about 0); only the machinery and the efficiency columns "
+                         "mean something. Train one: evaluation/reference/README.md")
+        lines.append(f"  tasks:   {', '.join(d['tasks'])} (synthetic offline copies, {d['samples_per_task']} samples each)")
+    lines.append(f"  configs: {_configs_text(d['configs'])}")
+    lines.append(f"  output:  {d['output_path']} (results.json, results.md, pareto.png); cache {d['cache_dir']}")
+    lines.append("=" * 100)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _available(configs: list[dict]) -> list[dict]:
+    """The configs whose methods the installed vlmcompress has (others are dropped with a log line)."""
+    kv_methods = None
+    try:
+        from vlmcompress.cache import KV_METHODS
+
+        kv_methods = set(KV_METHODS)
+    except ImportError:
+        pass
+    try:
+        from vlmcompress.pruning import get_method
+    except ImportError:
+        get_method = None
+    out = []
+    for c in configs:
+        ok = True
+        if c.get("kv") and kv_methods is not None:
+            ok = c["kv"].lower().replace("-", "").replace("_", "") in kv_methods
+        if c.get("prune"):
+            try:
+                ok = ok and get_method is not None and get_method(c["prune"]) is not None
+            except ValueError:
+                ok = False
+        if ok:
+            out.append(c)
+        else:
+            log.warning("default: %s is not in the installed vlmcompress, skipped", c)
+    return out
+
+
+def prepare(home: str | Path | None = None, spec: dict | None = None, checkpoints: str | Path | None = None,
+            echo: bool = True) -> dict:
+    """Choose the model (trained reference checkpoint, else a tiny one built once), write the local
+    datasets, print the header; returns the run's arguments."""
+    d = resolve(DEFAULT if spec is None else spec, checkpoints)
     home = Path(home or os.environ.get("VLMCOMPRESS_EVAL_HOME") or DEFAULT_HOME)
-    model = spec["model"]
-    if model.startswith("tiny:"):
-        arch = model.split(":", 1)[1]
-        model_dir = home / "models" / arch
+    model = d["model"]
+    cache_dir = home / "cache"
+    if d["mode"] == "tiny":
+        model_dir = home / "models" / d["arch"]
         if not (model_dir / "vlmcompress_tiny.json").exists():
             from vlmcompress.testing import save_tiny_model
 
-            save_tiny_model(arch, model_dir)
+            save_tiny_model(d["arch"], model_dir)
         model = str(model_dir)
     data_dir = home / "data"
     stamp = data_dir / "default.json"
-    wanted = {"tasks": spec["tasks"], "n": spec["samples_per_task"]}
+    data_fp = data_fingerprint(d["tasks"])
+    wanted = {"tasks": d["tasks"], "n": d["samples_per_task"], **({"generator": data_fp} if data_fp else {})}
     if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
         from .tasks.synthetic import write_local_dataset
 
-        for name in spec["tasks"]:
-            write_local_dataset(name, data_dir, n=spec["samples_per_task"])
+        for name in d["tasks"]:
+            write_local_dataset(name, data_dir, n=d["samples_per_task"])
         stamp.write_text(json.dumps(wanted))
-    configs = list(spec["configs"])
+    if d["mode"] == "reference":
+        # answers cached for another checkpoint or another benchmark generator are not reused
+        cache_dir = home / "cache" / f"{d['arch']}-{file_fingerprint(Path(model) / 'model.safetensors')}-{data_fp}"
+    configs = list(d["configs"])
     try:
         from vlmcompress.pruning import validate_prune_args  # noqa: F401
     except ImportError:
         pass
     else:
-        configs += spec.get("prune_configs", [])
-    return {"pretrained": model, "data_dir": str(data_dir), "tasks": spec["tasks"], "configs": configs,
-            "gen_kwargs": spec["gen_kwargs"], "batch_size": spec["batch_size"], "seed": spec["seed"],
-            "cache_dir": str(home / "cache"), "output_path": str(home / "results")}
+        configs += d.get("prune_configs", [])
+    out = {"pretrained": model, "data_dir": str(data_dir), "tasks": d["tasks"], "configs": _available(configs),
+           "gen_kwargs": d["gen_kwargs"], "batch_size": d["batch_size"], "seed": d["seed"],
+           "cache_dir": str(cache_dir), "output_path": str(home / "results"), "mode": d["mode"], "arch": d["arch"],
+           "samples_per_task": d["samples_per_task"], "searched": d["searched"]}
+    out["header"] = header(out)
+    if echo:
+        print(out["header"], flush=True)
+    return out

@@ -238,3 +238,38 @@ def test_default_run_without_arguments(tmp_path, monkeypatch, capsys):
     assert all(r["tasks"]["mme"]["n_scored"] == 2 for r in runs)
     assert (tmp_path / "results" / "results.json").exists() and (tmp_path / "models" / "qwen2_vl").is_dir()
     assert "| baseline | mme |" in capsys.readouterr().out
+
+
+def test_default_run_uses_a_trained_reference_checkpoint_when_one_is_there(tmp_path, monkeypatch, capsys):
+    import evaluation.default as default
+    from vlmcompress.testing import save_tiny_model
+
+    # a stand-in for evaluation/reference/checkpoints/qwen2_vl (random weights, but the same files)
+    checkpoints = tmp_path / "checkpoints"
+    save_tiny_model("qwen2_vl", checkpoints / "qwen2_vl")
+    reference = dict(default.DEFAULT["reference"], samples_per_task=5, batch_size=5,
+                     configs=[{"kv": "streamingllm", "kv_budget": 0.5}], prune_configs=[])
+    monkeypatch.setattr(default, "DEFAULT", dict(default.DEFAULT, reference=reference))
+    monkeypatch.setattr(default, "CHECKPOINTS", checkpoints)
+    monkeypatch.setenv("VLMCOMPRESS_EVAL_HOME", str(tmp_path / "home"))
+    runs = cli.main([])
+    out = capsys.readouterr().out
+    assert "TRAINED SynthVQA reference checkpoint, qwen2_vl" in out and "TINY RANDOM-WEIGHT" not in out
+    assert [r["name"] for r in runs] == ["baseline", "kv=streamingllm,kv_budget=0.5"]
+    metrics = runs[0]["tasks"]["synthvqa"]["metrics"]
+    # the first five test questions are one of each type: each per-type accuracy is a 0/1 of one answer
+    assert {f"exact_match_{t}" for t in ("attribute", "count", "relation", "ocr", "long_context")} <= set(metrics)
+    assert all(metrics[f"exact_match_{t}"] in (0.0, 1.0) for t in ("attribute", "count", "ocr"))
+    # another checkpoint (retrained) gets its own answer cache
+    first = default.prepare(echo=False)["cache_dir"]
+    save_tiny_model("qwen2_vl", checkpoints / "qwen2_vl", seed=1)
+    assert default.prepare(echo=False)["cache_dir"] != first
+
+
+def test_default_run_falls_back_to_the_tiny_model_and_says_so(tmp_path, monkeypatch):
+    import evaluation.default as default
+
+    monkeypatch.setattr(default, "CHECKPOINTS", tmp_path / "none")
+    d = default.prepare(tmp_path / "home", echo=False)
+    assert d["mode"] == "tiny" and "TINY RANDOM-WEIGHT qwen2_vl" in d["header"]
+    assert str(tmp_path / "none" / "qwen2_vl" / "model.safetensors") in d["header"]

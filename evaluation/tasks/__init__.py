@@ -40,6 +40,9 @@ class Task:
     max_new_tokens: int = 16
     mirrors: tuple[str, ...] = ()
     higher_is_better: bool = True
+    # "module:function" that draws the split locally (synthetic benchmarks): function(split, n) -> datasets.Dataset;
+    # `evaluation.tasks.synthetic.write_local_dataset(name, DIR, n)` writes it for --data_dir DIR
+    builder: str | None = None
 
     def prompt_kwargs(self, family: str) -> dict:
         """The prompt settings of a model family (model_type), falling back to lmms-eval's `default`."""
@@ -121,6 +124,20 @@ register(Task(
     fmt="videomme", scorer="choice_given", primary="videomme_perception_score",
     prompts={"default": {"pre_prompt": "", "post_prompt": "\nAnswer with the option's letter from the given choices directly."}},
     mirrors=("lmms-eval/Video-MME",),
+))
+
+# SynthVQA: the seeded synthetic benchmark the reference checkpoints (evaluation/reference/) are trained on.
+# No Hub copy: the split is drawn by `builder` (evaluation/tasks/synthetic.py writes it for --data_dir,
+# as the default run does) or read from any save_to_disk copy of `synthvqa.build_split("test")`.
+# Both reference architectures were trained with and without lmms-eval's short-answer suffix.
+SYNTHVQA_TYPES = ("attribute", "count", "relation", "ocr", "long_context")
+register(Task(
+    name="synthvqa", dataset="local:synthvqa", split="test", answer="answers", id_field="question_id",
+    meta_fields=("question_type",), target="list", scorer="synthvqa", primary="exact_match",
+    prompts={family: {"pre_prompt": "", "post_prompt": SHORT_ANSWER}
+             for family in ("default", "qwen2_vl", "llava_onevision")},
+    # the longest answers ("big red circle", "47") are 3 tokens; 8 leaves room for <|im_end|> and slack
+    max_new_tokens=8, builder="evaluation.reference.synthvqa:build_split",
 ))
 
 

@@ -194,10 +194,26 @@ def score_realworldqa(pred, refs, sample):
     return {"exact_match": float(str(pred).lower().strip().rstrip(".") == refs[0].strip().lower())}
 
 
+def score_synthvqa(pred, refs, sample):
+    """SynthVQA's exact match (evaluation.reference.synthvqa.exact_match), overall and under the question type.
+
+    The per-type keys (`exact_match_attribute`, ..., `exact_match_long_context`) are averaged over the
+    samples of that type only by the mean aggregation: they are the per-type accuracies.
+    """
+    from ..reference.synthvqa import exact_match as synthvqa_exact_match
+
+    score = synthvqa_exact_match(pred, refs)
+    out = {"exact_match": score}
+    qtype = (sample.get("meta") or {}).get("question_type")
+    if qtype:
+        out[f"exact_match_{qtype}"] = score
+    return out
+
+
 SCORERS = {
     "anls": score_anls, "vqa": score_vqa, "relaxed": score_relaxed, "ocrbench": score_ocrbench,
     "choice": score_choice, "choice_given": score_choice_given, "mmmu": score_mmmu, "yes_no": score_yes_no,
-    "exact": score_exact, "realworldqa": score_realworldqa,
+    "exact": score_exact, "realworldqa": score_realworldqa, "synthvqa": score_synthvqa,
 }
 
 

@@ -2,7 +2,8 @@
 
 `write_local_dataset(name, data_dir, n)` writes `data_dir/name` with `Dataset.save_to_disk`, using
 the same column names and types as the Hub dataset lmms-eval reads, so `--data_dir data_dir` runs
-the real loading, formatting and scoring code on it. Answers are synthetic (random images).
+the real loading, formatting and scoring code on it. Answers are synthetic (random images), except
+for tasks that are synthetic to begin with (SynthVQA), whose own generator writes real rows.
 """
 
 from __future__ import annotations
@@ -123,14 +124,38 @@ def _rows(name: str, n: int, rng) -> tuple[list[dict], dict]:
 
 
 SYNTHETIC_TASKS = ("docvqa_val", "chartqa", "textvqa_val", "ocrbench", "ai2d", "mmmu_val", "mme", "gqa",
-                   "scienceqa_img", "realworldqa", "videomme")
+                   "scienceqa_img", "realworldqa", "videomme", "synthvqa")
+
+
+def builder(name: str):
+    """The function a task's `builder` names ("module:function"), or None for a Hub task."""
+    from importlib import import_module
+
+    from . import TASKS
+
+    spec = TASKS[name].builder if name in TASKS else None
+    if not spec:
+        return None
+    module, _, function = spec.partition(":")
+    return getattr(import_module(module), function)
 
 
 def write_local_dataset(name: str, data_dir: str | Path, n: int = 8, seed: int = 0) -> Path:
-    """Write a small copy of task `name` (and its companion image table or videos) under data_dir."""
+    """Write a small copy of task `name` (and its companion image table or videos) under data_dir.
+
+    A task with a `builder` (SynthVQA) gets its real data: the first `n` rows of its split, drawn by
+    the builder (`seed` is not used; the benchmark is seeded by split name and index).
+    """
     import datasets
     from datasets import Image as ImageFeature
 
+    build = builder(name)
+    if build is not None:
+        from . import TASKS
+
+        path = Path(data_dir) / name
+        build(TASKS[name].split, n).save_to_disk(str(path))
+        return path
     rng = np.random.default_rng(seed)
     data_dir = Path(data_dir)
     rows, extra = _rows(name, n, rng)
