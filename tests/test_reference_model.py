@@ -148,6 +148,59 @@ def test_tokenizer_and_labels_cover_only_the_answer():
     assert (batch["input_ids"] == model.config.image_token_id).sum(1).tolist() == [81] * 5
 
 
+def test_follow_up_turns_are_the_benchmark_questions_answered_from_the_scene():
+    import re
+
+    where = r"row (\d) column (\d)"
+    for i in range(40):
+        qtype, scene, question, answer, _, _ = synthvqa._draw("train", i, None)
+        sample = synthvqa.make_training_sample(i, follow_ups=5)
+        assert sample["turns"][0] == (question, answer) and sample["question_type"] == qtype
+        assert len(sample["turns"]) == 6 and len({q for q, _ in sample["turns"]}) == 6
+        objects = {synthvqa._row_col(cell): obj for cell, obj in scene["objects"].items()}
+        for q, a in sample["turns"][1:]:
+            if m := re.fullmatch(rf"What (color|shape|size) is (?:the shape )?in {where}\?", q):
+                size, color, shape = objects[(int(m[2]), int(m[3]))]
+                assert a == {"color": color, "shape": shape, "size": size}[m[1]]
+            elif m := re.fullmatch(r"How many (\w+) shapes are there\?", q):
+                assert a == str(sum(c == m[1] for _, c, _ in objects.values()))
+            elif m := re.fullmatch(r"How many (\w+)s are there\?", q):
+                assert a == str(sum(s == m[1] for _, _, s in objects.values()))
+            elif m := re.fullmatch(r"Where is the (\w+) (\w+) relative to the (\w+) (\w+)\?", q):
+                pos = {(c, s): rc for rc, (_, c, s) in objects.items()}
+                (ra, ca), (rb, cb) = pos[(m[1], m[2])], pos[(m[3], m[4])]
+                assert ra == rb or ca == cb
+                assert a == (("left" if ca < cb else "right") if ra == rb else ("above" if ra < rb else "below"))
+            else:
+                assert q in ("What is written in the grid?", "What word or number is written in the grid?"), q
+                assert a == scene["text"][1]
+    described = synthvqa.make_training_sample(3, "describe")
+    assert described["question"] == synthvqa.DESCRIBE_QUESTION and described["answers"][0].count("row ") == 16
+    with pytest.raises(ValueError, match="describe"):
+        synthvqa.make_sample("test", 0, question_type="nope")
+
+
+@pytest.mark.parametrize("arch", models.ARCHITECTURES)
+def test_multi_turn_batches_follow_the_chat_template_and_label_only_the_answers(arch):
+    from evaluation.reference.batching import Batcher, training_texts
+
+    _, processor = models.build_model(arch)
+    tok = processor.tokenizer
+    samples = [synthvqa.make_training_sample(i, follow_ups=3) for i in range(5)]
+    texts, _ = training_texts(processor, samples)
+    for text, s in zip(texts, samples):
+        messages = []
+        for k, (q, a) in enumerate(s["turns"]):
+            messages.append({"role": "user", "content": ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": q}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+        assert text == processor.apply_chat_template(messages).rstrip("\n")
+    for fast in (True, False):
+        batch = Batcher(processor, fast=fast).cpu_batch(samples)
+        for i, s in enumerate(samples):
+            target = batch["labels"][i][batch["labels"][i] != -100]
+            assert tok.decode(target.tolist()) == "".join(a + tok.eos_token for _, a in s["turns"])
+
+
 def test_training_script_smoke_run_gives_a_loadable_checkpoint(tmp_path):
     import vlmcompress
     from transformers import AutoProcessor
