@@ -26,3 +26,17 @@ def test_benchmark_script_runs_at_toy_size(tiny_dirs, tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["command"].startswith("python bench/bench.py") and saved["machine"]["device"]
     assert len(saved["rows"]) == 4
+
+
+def test_multi_gpu_script_runs_at_toy_size_with_two_cpu_ranks(tmp_path):
+    import multi_gpu
+
+    report = multi_gpu.main(["--toy", "--out", str(tmp_path), "--limit", "2", "--new-tokens", "3"])
+    dp = report["data_parallel"]
+    # two accelerate ranks on the CPU give every prediction and metric of one process
+    assert dp["processes"] == 2 and dp["ok"]
+    assert all(t["samples"] == 4 and t["same_predictions"] for t in dp["tasks"].values())  # baseline + snapkv
+    split = report["split_model"]
+    assert split["same_tokens"] and len(split["runs"]["device_map_auto"]["tokens"]) >= 1
+    assert split["runs"]["one_device"]["kv_bytes"] == split["runs"]["device_map_auto"]["kv_bytes"] > 0
+    assert json.loads((tmp_path / "multi_gpu.json").read_text())["command"].startswith("python bench/multi_gpu.py")
