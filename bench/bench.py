@@ -35,6 +35,7 @@ import transformers  # noqa: E402
 
 import vlmcompress  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
+from vlmcompress.loading import default_attn_implementation  # noqa: E402
 from vlmcompress.models import MODEL_CLASSES  # noqa: E402
 from real_models import make_inputs  # noqa: E402
 
@@ -84,17 +85,20 @@ def parse_method(spec: str) -> dict:
     return {"kv": kv, "prune": prune}
 
 
-def build_model(name: str, device, toy_dir: str | None):
+def build_model(name: str, device, toy_dir: str | None, attn: str | None = None):
+    """attn: an `attn_implementation`; None for `vlmcompress.load`'s default."""
     if toy_dir:
         from transformers import AutoProcessor
 
-        model = vlmcompress.load(toy_dir, dtype=torch.float32)
+        model = vlmcompress.load(toy_dir, dtype=torch.float32, attn_implementation=attn)
         return model, AutoProcessor.from_pretrained(toy_dir)
     from real_models import build
 
     model_type, config, processor = build(name)
     with torch.device(device):
-        model = MODEL_CLASSES[model_type]._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = MODEL_CLASSES[model_type]._from_config(
+            config, dtype=torch.bfloat16, attn_implementation=attn or default_attn_implementation()
+        )
     return model.eval(), processor
 
 
@@ -171,6 +175,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--option", action="append", default=[], help="method option, e.g. window_size=32")
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--toy", default=None, help="a tiny checkpoint folder: run on the CPU at toy size")
+    parser.add_argument("--attn", default=None,
+                        help="attn_implementation, e.g. sdpa (transformers' own); default: vlmcompress.load's")
     args = parser.parse_args(argv)
 
     device = torch.device("cpu" if args.toy or not torch.cuda.is_available() else "cuda")
@@ -180,7 +186,7 @@ def main(argv=None) -> list[dict]:
     machine = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "vlmcompress": vlmcompress.__version__,
-        "python": platform.python_version(),
+        "python": platform.python_version(), "attn_implementation": args.attn or default_attn_implementation(),
     }
     bandwidth = hbm_bandwidth(device)
     machine["hbm_bandwidth_gb_s"] = bandwidth / 1e9 if bandwidth else None
@@ -188,7 +194,7 @@ def main(argv=None) -> list[dict]:
     print(f"# {command}\n# {json.dumps(machine)}", flush=True)
     rows = []
     for name in args.models.split(","):
-        model, processor = build_model(name, device, args.toy)
+        model, processor = build_model(name, device, args.toy, args.attn)
         for kind in args.inputs.split(","):
             for batch in map(int, args.batch.split(",")):
                 inputs = make_inputs(processor, kind, batch, args.hires if not args.toy else 64).to(device)

@@ -196,6 +196,42 @@ def test_batch_equals_single(tiny_dirs, processors, arch, method):
                     assert torch.equal(batch_kept - pads[i], single_layer.kept_indices[0, head])
 
 
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "internvl"])
+@pytest.mark.parametrize("questions", [("Colour?", "Colour?"), ("What is in the picture? Describe it.", "Colour?")])
+def test_ragged_decoding_copies_no_keys_and_equals_transformers_sdpa(tiny_dirs, processors, monkeypatch, arch,
+                                                                     questions):
+    """VL-Cache's per-sample layer budgets (and left padding) leave a batch's layers ragged, so every decoding
+    step passes a mask. The default attention (vlmcompress_sdpa) then never expands K/V to the query heads
+    (`repeat_kv`), and gives the tokens and logits of transformers' SDPA."""
+    from transformers.integrations import sdpa_attention
+
+    inputs = image_inputs(processors[arch], questions, seeds=[3, 4])
+    query_lengths, decode_copies = [], []
+    repeat_kv = sdpa_attention.repeat_kv
+
+    def spy(hidden_states, n_rep):
+        if n_rep > 1 and query_lengths[-1] == 1:
+            decode_copies.append(hidden_states.shape)
+        return repeat_kv(hidden_states, n_rep)
+
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", spy)
+    results = {}
+    for attn in (None, "sdpa"):
+        model = load(tiny_dirs[arch], "vlcache", 0.3, attn_implementation=attn)
+        model.get_input_embeddings().register_forward_pre_hook(lambda m, args: query_lengths.append(args[0].shape[1]))
+        cache = model.make_cache()
+        results[attn] = generate_with_raw_logits(model, inputs, new_tokens=4, past_key_values=cache)
+        assert any(layer.slot_valid is not None for layer in cache.layers), "the layers must be ragged"
+        if attn is None:
+            assert model.config.text_config._attn_implementation == "vlmcompress_sdpa" and decode_copies == []
+    # ...which copies K/V at each masked decoding step, unless it packs GQA itself for one query (5.24 does)
+    assert decode_copies or hasattr(sdpa_attention, "pack_gqa")
+    (sequences, logits), (reference_sequences, reference_logits) = results[None], results["sdpa"]
+    assert torch.equal(sequences, reference_sequences)
+    for step, reference in zip(logits, reference_logits):
+        torch.testing.assert_close(step, reference, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("budget", [0.2, 0.5, 24])
 def test_the_budget_is_the_budget(tiny_dirs, processors, method, budget):

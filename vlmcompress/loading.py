@@ -8,15 +8,17 @@ import torch
 from transformers import AutoConfig
 
 from .config import build_settings
+from .grouped_sdpa import GROUPED_SDPA
 
 SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl")
 
 
-def default_attn_implementation() -> str:
-    """flash-attention-2 where it is installed and a GPU is present, SDPA otherwise."""
+def default_attn_implementation() -> str | dict:
+    """flash-attention-2 where it is installed and a GPU is present; SDPA otherwise, the language model's
+    through `GROUPED_SDPA` (masked decoding without `repeat_kv`; otherwise transformers' SDPA)."""
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return {"text_config": GROUPED_SDPA}
 
 
 def load(
@@ -44,8 +46,9 @@ def load(
         prune / prune_budget: visual-token pruning method and share (or count) of visual tokens kept.
         sparsity / sparsity_ratio / sparsity_pattern / calibration: weight sparsity method, the share
             of weights zeroed, "unstructured" or "N:M", and the calibration samples (None: the default set).
-        dtype, device_map, attn_implementation: passed to `from_pretrained`; attention defaults to
-            flash-attention-2 where installed (with a GPU) and SDPA otherwise.
+        dtype, device_map, attn_implementation: passed to `from_pretrained` (an explicit value is used as
+            given); attention defaults to flash-attention-2 where installed (with a GPU) and SDPA otherwise,
+            the language model's `vlmcompress_sdpa` (`vlmcompress.grouped_sdpa`).
         **method_options: options of the chosen methods (e.g. window_size=32, kernel_size=5,
             sink_tokens=4); each goes to the method that takes it, unknown ones are an error.
 

@@ -10,7 +10,8 @@ A `CompressedCache` is a `transformers.DynamicCache` whose layers shrink. Its li
    `get_seq_length()` reports tokens *seen*, which is what the models use for rotary
    phases (and Qwen2-VL for its M-RoPE offsets), while `get_mask_sizes()` reports the
    tokens *held*. A per-layer mask (a forward pre-hook) is passed to the attention only
-   where some slot is not to be attended (left padding in a batch); otherwise none.
+   where some slot is not to be attended (left padding in a batch, per-sample budgets);
+   otherwise none. For `vlmcompress_sdpa` it is per KV head, so no K/V is copied per query head.
 3. Decode-time methods (H2O, StreamingLLM) retire the lowest-scored slot of a sample when
    it holds more than its budget, and compact the tensors.
 
@@ -33,6 +34,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..budget import validate_budget as validate_share_or_count
+from ..grouped_sdpa import GROUPED_SDPA
 from .attention import (
     accumulated_attention,
     attention_chunks,
@@ -534,31 +536,34 @@ class CompressedCache(DynamicCache):
             layer.slot_valid = None
 
     def decode_attention_mask(self, module, layer: CompressedLayer, query_length: int, dtype):
-        """The mask one decoding forward of `layer` needs, in the form its attention expects."""
+        """The mask one decoding forward of `layer` needs, in the form its attention expects: per KV head
+        (boolean) for `GROUPED_SDPA`, which then needs no `repeat_kv`; per query head (additive) for other
+        SDPA or eager attention; the 2-D padding mask for flash-attention."""
         valid = layer.slot_valid
         if valid is None and query_length == 1:
             return None
-        held = layer.held_tokens
-        batch, kv_heads = layer.keys.shape[:2]
+        batch, kv_heads, held = layer.keys.shape[:3]
         device = layer.keys.device
         if valid is None:
             valid = torch.ones(batch, kv_heads, held, dtype=torch.bool, device=device)
         implementation = getattr(module.config, "_attn_implementation", "sdpa") or "sdpa"
         if "flash" in implementation:
-            if valid is not None and not bool((valid == valid[:, :1]).all()):
+            if not bool((valid == valid[:, :1]).all()):
                 raise NotImplementedError(
                     "flash-attention takes one padding mask for all heads, but this cache holds head-specific "
-                    "padding; use attn_implementation='sdpa' for batched generation with this method"
+                    f"padding; use attn_implementation={GROUPED_SDPA!r} for batched generation with this method"
                 )
             new = torch.ones(batch, query_length, dtype=torch.long, device=device)
             return torch.cat([valid[:, 0].long(), new], dim=-1)
-        groups = module.num_key_value_groups if hasattr(module, "num_key_value_groups") else 1
-        past = valid.repeat_interleave(groups, dim=1)[:, :, None, :].expand(-1, -1, query_length, -1)
-        causal = torch.ones(query_length, query_length, dtype=torch.bool, device=device).tril()
-        causal = causal[None, None].expand(batch, past.shape[1], -1, -1)
-        allowed = torch.cat([past, causal], dim=-1)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        # [b, kv_heads, q, held + q]: the held slots' validity, then causal among the new tokens
+        allowed = torch.nn.functional.pad(valid[:, :, None].expand(-1, -1, query_length, -1), (0, query_length),
+                                          value=True)
+        if query_length > 1:
+            allowed[..., held:] = torch.ones(query_length, query_length, dtype=torch.bool, device=device).tril()
+        if implementation == GROUPED_SDPA:
+            return allowed
+        allowed = allowed.repeat_interleave(getattr(module, "num_key_value_groups", 1), dim=1)
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 # ----- hooks (module-level so that they hold the cache only weakly) ---------------------------

@@ -27,6 +27,7 @@ import torch
 
 from ..cache.attention import bind_attention_arguments
 from ..cache.base import language_model_of, passed_cache, visual_token_ids
+from ..grouped_sdpa import GROUPED_SDPA
 from ..pruning import allocate, fastv_keep, get_method, keep_count
 from ..pruning.scores import last_token_attention, vision_scores
 
@@ -70,7 +71,7 @@ def attention_mask_for(config, key_valid: torch.Tensor, query_length: int, dtype
     all_valid = bool(key_valid.all())
     if "flash" in implementation:
         return None if all_valid else key_valid.long()
-    if implementation not in ("sdpa", "eager"):
+    if implementation not in ("sdpa", GROUPED_SDPA, "eager"):
         raise NotImplementedError(f"FastV supports sdpa, eager and flash attention, not {implementation!r}")
     if all_valid and query_length == 1:
         return None
