@@ -9,10 +9,13 @@ type, a `vlmcompress.load` check) and train.log; OUT/metrics.json collects all o
 On CUDA with several architectures, each trains in its own process at the same time on the one GPU
 (the models are tiny, so one does not fill it), each for `--minutes` of optimisation.
 
-Training: AdamW, bf16 autocast on CUDA, loss on the answer tokens (and the closing <|im_end|>) only,
-time-based cosine schedule. Samples are drawn on the fly by DataLoader workers (seeded, disjoint
-from the validation and test splits, which are seeded by split name); half the training prompts end
-with the lmms-eval short-answer instruction so either prompt form works at evaluation time.
+Training: AdamW, float32 with TF32 matmuls on CUDA (`--bf16` for bf16 autocast), loss on the answer
+tokens (and the closing <|im_end|>) only, time-based cosine schedule. Samples are drawn on the fly by
+DataLoader workers (seeded, disjoint from the validation and test splits, which are seeded by split
+name); half the training prompts end with the lmms-eval short-answer instruction so either prompt form
+works at evaluation time. The training forward is `fast_forward.FastForward` (the same math with the
+images batched), once a start-up check on a real batch shows it gives the plain model's loss and
+gradients.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch  # noqa: E402
 
 from evaluation.reference import models, synthvqa  # noqa: E402
 from evaluation.reference.batching import Batcher  # noqa: E402
+from evaluation.reference.fast_forward import RTOL, FastForward  # noqa: E402
 
 
 # --------------------------------------------------------------------------- data
@@ -112,6 +116,24 @@ def shared_memory_free() -> float:
         return float("inf")
 
 
+def training_forward(model, batcher: Batcher, device, follow_ups: int, log):
+    """`FastForward(model)` when it gives the plain model's loss and gradients on a real batch, else `model`."""
+    types = ("attribute", "long_context", "ocr", "describe")  # different lengths: a left-padded batch
+    samples = [synthvqa.make_training_sample(10**9 + i, t, follow_ups) for i, t in enumerate(types)]
+    batch = batcher.to_device(batcher.cpu_batch(samples, random.Random("verify")), device)
+    try:
+        fast = FastForward(model)
+        problem = fast.verify(batch)
+    except Exception as exc:  # an upstream change the fast path does not know: train with the plain model
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        log(f"fast forward differs from the plain model ({problem}): training with the plain forward")
+        return model
+    log(f"fast forward (images batched): loss and gradients equal the plain model's on a check batch "
+        f"(float32, rtol {RTOL:.0e})")
+    return fast
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -164,6 +186,7 @@ def train_one(arch: str, args) -> dict:
     if problem:
         log(f"fast batches differ from the processor ({problem}): using the processor in the workers")
         batcher = Batcher(processor, fast=False)
+    forward = model if args.plain_forward else training_forward(model, batcher, device, args.follow_ups, log)
     shm = shared_memory_free()
     # what the prefetched batches of both architectures hold at once, with a safety factor of 2
     tensors = not args.pipes and shm >= args.batch_size * 0.25 * 2**20 * 4 * max(1, args.workers) * 2 * 2
@@ -201,8 +224,8 @@ def train_one(arch: str, args) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         batch = batcher.to_device(next(it), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(**batch).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.bf16):
+            loss = forward(**batch).loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         # a non-finite gradient would turn every weight into NaN for good (seen once on LLaVA-OneVision):
@@ -249,6 +272,7 @@ def train_one(arch: str, args) -> dict:
     metrics = {
         "arch": arch, "params": n_params, "steps": step, "samples": seen, "train_seconds": round(train_time, 1),
         "batch_size": args.batch_size, "lr": args.lr, "follow_ups": args.follow_ups, "skipped_updates": skipped,
+        "fast_forward": forward is not model, "bf16": cuda and args.bf16,
         "device": str(device),
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "transformers": __import__("transformers").__version__, "torch": torch.__version__,
@@ -355,6 +379,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--pipes", action="store_true", help="send batches through pipes, not shared memory")
     p.add_argument("--slow-batches", action="store_true", help="run the full processor in the workers")
+    # float32 by default: the step is bound by kernel launches, not arithmetic, and bf16 rounding erased the
+    # small token-to-token differences of collapsed visual tokens in the first runs
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--plain-forward", action="store_true", help="train with the upstream forward, not FastForward")
     p.add_argument("--sequential", action="store_true", help="train the architectures one after the other")
     p.add_argument("--parallel", action="store_true", help="one process per architecture (default on CUDA)")
     p.add_argument("--smoke", action="store_true", help="a few CPU steps on a few samples, for tests")
