@@ -228,6 +228,16 @@ def test_training_script_smoke_run_gives_a_loadable_checkpoint(tmp_path):
         preds = models.generate_answers(model, processor, [s["question"] for s in samples],
                                         [s["image"] for s in samples], max_new_tokens=3)
         assert len(preds) == 2 and all(isinstance(p, str) for p in preds)
+    # a second leg continues from the first one's output (weights, tokenizer, processor)
+    again = tmp_path / "ref2"
+    cmd = [sys.executable, str(ROOT / "evaluation" / "reference" / "train.py"), "--smoke", "--out", str(again),
+           "--arch", "qwen2_vl", "--init-from", str(out), "--max-steps", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((again / "qwen2_vl" / "metrics.json").read_text())
+    assert metrics["init_from"] == str(out / "qwen2_vl") and metrics["steps"] == 1
+    assert "initialised from" in (again / "qwen2_vl" / "train.log").read_text()
+    assert (again / "qwen2_vl" / "tokenizer.json").read_text() == (out / "qwen2_vl" / "tokenizer.json").read_text()
 
 
 # --------------------------------------------------------------------------- the trained checkpoints

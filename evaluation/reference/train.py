@@ -177,8 +177,21 @@ def train_one(arch: str, args) -> dict:
     torch.set_num_threads(args.threads)
 
     t0 = time.time()
-    tokenizer = models.build_tokenizer(arch)
-    model, processor = models.build_model(arch, tokenizer, seed=args.seed)
+    start_from = Path(args.init_from) / arch if args.init_from else None
+    if start_from is not None and (start_from / "model.safetensors").is_file():
+        # a later leg of a training that one machine session cannot hold: the weights, tokenizer and
+        # processor of the earlier leg, a fresh optimiser (with its warm-up)
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(start_from, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(start_from)
+        tokenizer = processor.tokenizer
+        log(f"initialised from {start_from}")
+    elif start_from is not None:
+        raise SystemExit(f"--init-from: no {start_from / 'model.safetensors'}")
+    else:
+        tokenizer = models.build_tokenizer(arch)
+        model, processor = models.build_model(arch, tokenizer, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     model.to(device).train()
     batcher = Batcher(processor, fast=not args.slow_batches)
@@ -272,6 +285,7 @@ def train_one(arch: str, args) -> dict:
     metrics = {
         "arch": arch, "params": n_params, "steps": step, "samples": seen, "train_seconds": round(train_time, 1),
         "batch_size": args.batch_size, "lr": args.lr, "follow_ups": args.follow_ups, "skipped_updates": skipped,
+        "init_from": str(start_from) if start_from else None,
         "fast_forward": forward is not model, "bf16": cuda and args.bf16,
         "device": str(device),
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
@@ -360,7 +374,9 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=",".join(models.ARCHITECTURES),
                    help=f"comma-separated, from {models.ARCHITECTURES}")
     p.add_argument("--out", required=True, help="output folder; OUT/<arch>/ gets each checkpoint")
-    p.add_argument("--minutes", type=float, default=5.5, help="optimisation time per architecture")
+    p.add_argument("--minutes", type=float, default=7.0, help="optimisation time per architecture")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="continue from DIR/<arch>/ (an earlier run's output): its weights, tokenizer and processor")
     p.add_argument("--max-steps", type=int, default=10**9)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
