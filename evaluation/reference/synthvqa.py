@@ -89,6 +89,31 @@ def _where(cell: int) -> str:
     return f"row {row} column {col}"
 
 
+# The questions' wording, shared by the benchmark's builders and the training follow-ups.
+OCR_QUESTIONS = ("What is written in the grid?", "What word or number is written in the grid?")
+
+
+def _attribute_question(cell: int, kind: str) -> str:
+    if kind == "shape":
+        return f"What shape is in {_where(cell)}?"
+    return f"What {kind} is the shape in {_where(cell)}?"
+
+
+def _count_question(target: str) -> str:
+    return f"How many {target} shapes are there?" if target in COLORS else f"How many {target}s are there?"
+
+
+def _relation_question(a: tuple, b: tuple) -> str:
+    """Where object `a` = (size, colour, shape) is relative to object `b`."""
+    return f"Where is the {a[1]} {a[2]} relative to the {b[1]} {b[2]}?"
+
+
+def _relation_answer(a: int, b: int) -> str:
+    """Where cell `a` is relative to cell `b`, which shares its row or its column."""
+    (ra, ca), (rb, cb) = _row_col(a), _row_col(b)
+    return ("left" if ca < cb else "right") if ra == rb else ("above" if ra < rb else "below")
+
+
 # --------------------------------------------------------------------------- drawing
 
 
@@ -200,13 +225,8 @@ def _attribute(rng):
     cell = rng.choice(cells[:n])
     size, color, shape = objects[cell]
     kind = rng.choice(("color", "color", "shape", "shape", "size"))
-    if kind == "color":
-        q, a = f"What color is the shape in {_where(cell)}?", color
-    elif kind == "shape":
-        q, a = f"What shape is in {_where(cell)}?", shape
-    else:
-        q, a = f"What size is the shape in {_where(cell)}?", size
-    return {"objects": objects, "text": text}, q, a
+    answer = {"color": color, "shape": shape, "size": size}[kind]
+    return {"objects": objects, "text": text}, _attribute_question(cell, kind), answer
 
 
 def _count(rng):
@@ -218,12 +238,11 @@ def _count(rng):
         target = rng.choice(list(COLORS))
         hits = rng.sample([(target, s) for s in SHAPES], k)
         others = [(c, s) for c in COLORS for s in SHAPES if c != target]
-        question = f"How many {target} shapes are there?"
     else:
         target = rng.choice(SHAPES)
         hits = rng.sample([(c, target) for c in COLORS], k)
         others = [(c, s) for c in COLORS for s in SHAPES if s != target]
-        question = f"How many {target}s are there?"
+    question = _count_question(target)
     m = rng.randint(max(0, 2 - k), 8 - k)
     pairs = hits + rng.sample(others, m)
     objects = {cell: (rng.choice(SIZES), c, s) for cell, (c, s) in zip(cells, pairs)}
@@ -237,20 +256,15 @@ def _relation(rng):
     if rng.random() < 0.5:  # same row, another column
         cb = rng.choice([c for c in range(1, GRID + 1) if c != ca])
         b = (ra - 1) * GRID + cb - 1
-        answer = "left" if ca < cb else "right"
     else:
         rb = rng.choice([r for r in range(1, GRID + 1) if r != ra])
         b = (rb - 1) * GRID + ca - 1
-        answer = "above" if ra < rb else "below"
     rest = [c for c in range(GRID * GRID) if c not in (a, b)]
     rng.shuffle(rest)
     n = rng.randint(0, 6)
     objects = _random_objects(rng, [a, b] + rest[:n])
     text = _maybe_text(rng, rest[n:])
-    _, col_a, sh_a = objects[a]
-    _, col_b, sh_b = objects[b]
-    question = f"Where is the {col_a} {sh_a} relative to the {col_b} {sh_b}?"
-    return {"objects": objects, "text": text}, question, answer
+    return {"objects": objects, "text": text}, _relation_question(objects[a], objects[b]), _relation_answer(a, b)
 
 
 def _ocr(rng):
@@ -259,7 +273,7 @@ def _ocr(rng):
     n = rng.randint(2, 8)
     objects = _random_objects(rng, cells[:n])
     word = _random_text(rng)
-    question = rng.choice(("What is written in the grid?", "What word or number is written in the grid?"))
+    question = rng.choice(OCR_QUESTIONS)
     return {"objects": objects, "text": (cells[n], word)}, question, word
 
 
@@ -327,21 +341,19 @@ def scene_questions(scene: dict, rng: random.Random, k: int) -> list[tuple[str, 
     objects, text = scene["objects"], scene.get("text")
     pool = []
     for cell, (size, color, shape) in objects.items():
-        pool += [(f"What color is the shape in {_where(cell)}?", color), (f"What shape is in {_where(cell)}?", shape),
-                 (f"What size is the shape in {_where(cell)}?", size)]
+        pool += [(_attribute_question(cell, kind), answer)
+                 for kind, answer in (("color", color), ("shape", shape), ("size", size))]
     for color in COLORS:
-        pool.append((f"How many {color} shapes are there?", str(sum(c == color for _, c, _ in objects.values()))))
+        pool.append((_count_question(color), str(sum(c == color for _, c, _ in objects.values()))))
     for shape in SHAPES:
-        pool.append((f"How many {shape}s are there?", str(sum(s == shape for _, _, s in objects.values()))))
-    for a, (_, col_a, sh_a) in objects.items():
-        for b, (_, col_b, sh_b) in objects.items():
+        pool.append((_count_question(shape), str(sum(s == shape for _, _, s in objects.values()))))
+    for a in objects:
+        for b in objects:
             (ra, ca), (rb, cb) = _row_col(a), _row_col(b)
             if a != b and (ra == rb or ca == cb):
-                answer = ("left" if ca < cb else "right") if ra == rb else ("above" if ra < rb else "below")
-                pool.append((f"Where is the {col_a} {sh_a} relative to the {col_b} {sh_b}?", answer))
+                pool.append((_relation_question(objects[a], objects[b]), _relation_answer(a, b)))
     if text:
-        pool.append((rng.choice(("What is written in the grid?", "What word or number is written in the grid?")),
-                     text[1]))
+        pool.append((rng.choice(OCR_QUESTIONS), text[1]))
     return rng.sample(pool, min(k, len(pool)))
 
 
