@@ -21,11 +21,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import logging
 import os
 from pathlib import Path
-
-log = logging.getLogger("evaluation")
 
 DEFAULT_HOME = Path(os.environ.get("VLMCOMPRESS_EVAL_HOME", Path.home() / ".cache" / "vlmcompress" / "evaluation"))
 # where evaluation/reference/train.py's checkpoints are copied (evaluation/reference/README.md)
@@ -179,36 +176,6 @@ def header(d: dict) -> str:
 # --------------------------------------------------------------------------- prepare
 
 
-def _available(configs: list[dict]) -> list[dict]:
-    """The configs whose methods the installed vlmcompress has (others are dropped with a log line)."""
-    kv_methods = None
-    try:
-        from vlmcompress.cache import KV_METHODS
-
-        kv_methods = set(KV_METHODS)
-    except ImportError:
-        pass
-    try:
-        from vlmcompress.pruning import get_method
-    except ImportError:
-        get_method = None
-    out = []
-    for c in configs:
-        ok = True
-        if c.get("kv") and kv_methods is not None:
-            ok = c["kv"].lower().replace("-", "").replace("_", "") in kv_methods
-        if c.get("prune"):
-            try:
-                ok = ok and get_method is not None and get_method(c["prune"]) is not None
-            except ValueError:
-                ok = False
-        if ok:
-            out.append(c)
-        else:
-            log.warning("default: %s is not in the installed vlmcompress, skipped", c)
-    return out
-
-
 def prepare(home: str | Path | None = None, spec: dict | None = None, checkpoints: str | Path | None = None,
             echo: bool = True) -> dict:
     """Choose the model (trained reference checkpoint, else a tiny one built once), write the local
@@ -237,14 +204,9 @@ def prepare(home: str | Path | None = None, spec: dict | None = None, checkpoint
     if d["mode"] == "reference":
         # answers cached for another checkpoint or another benchmark generator are not reused
         cache_dir = home / "cache" / f"{d['arch']}-{file_fingerprint(Path(model) / 'model.safetensors')}-{data_fp}"
-    configs = list(d["configs"])
-    try:
-        from vlmcompress.pruning import validate_prune_args  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        configs += d.get("prune_configs", [])
-    out = {"pretrained": model, "data_dir": str(data_dir), "tasks": d["tasks"], "configs": _available(configs),
+    # a config whose method is unknown fails on its own in the runner, as on the command line
+    configs = list(d["configs"]) + list(d.get("prune_configs", []))
+    out = {"pretrained": model, "data_dir": str(data_dir), "tasks": d["tasks"], "configs": configs,
            "gen_kwargs": d["gen_kwargs"], "batch_size": d["batch_size"], "seed": d["seed"],
            "cache_dir": str(cache_dir), "output_path": str(home / "results"), "mode": d["mode"], "arch": d["arch"],
            "samples_per_task": d["samples_per_task"], "searched": d["searched"]}

@@ -129,8 +129,7 @@ register(Task(
 # SynthVQA: the seeded synthetic benchmark the reference checkpoints (evaluation/reference/) are trained on.
 # No Hub copy: the split is drawn by `builder` (evaluation/tasks/synthetic.py writes it for --data_dir,
 # as the default run does) or read from any save_to_disk copy of `synthvqa.build_split("test")`.
-# Both reference architectures were trained with and without lmms-eval's short-answer suffix.
-SYNTHVQA_TYPES = ("attribute", "count", "relation", "ocr", "long_context")
+# The reference training uses prompts with and without lmms-eval's short-answer suffix.
 register(Task(
     name="synthvqa", dataset="local:synthvqa", split="test", answer="answers", id_field="question_id",
     meta_fields=("question_type",), target="list", scorer="synthvqa", primary="exact_match",
