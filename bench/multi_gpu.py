@@ -65,9 +65,9 @@ def data_parallel(checkpoint: str, out: Path, processes: int, limit: int, toy: b
     for task in TASKS.split(","):
         a = _predictions(out / "single", task)
         b = _predictions(out / f"{processes}_processes", task)
+        metrics = _metrics(multi, task)
         agree[task] = {"samples": len(a), "same_predictions": a == b,
-                       "same_metrics": _metrics(single, task) == _metrics(multi, task),
-                       "metrics": _metrics(multi, task)}
+                       "same_metrics": _metrics(single, task) == metrics, "metrics": metrics}
     return {"processes": processes, "wall_seconds": seconds, "tasks": agree,
             "ok": all(t["same_predictions"] and t["same_metrics"] for t in agree.values())}
 
@@ -119,7 +119,9 @@ def split_model(out: Path, toy: bool, new_tokens: int) -> dict:
         t0 = time.time()
         with torch.no_grad():
             tokens = model.generate(**inputs.to(first), max_new_tokens=new_tokens, do_sample=False)
-        seconds = time.time() - t0
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.time() - t0  # one cold call: a sanity figure, not a benchmark
         layers = Counter(str(next(layer.parameters()).device) for layer in model.model.language_model.layers)
         runs[name] = {
             "tokens": tokens[0, inputs["input_ids"].shape[1]:].tolist(), "generate_seconds": round(seconds, 2),
