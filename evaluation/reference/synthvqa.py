@@ -336,25 +336,31 @@ def scene_questions(scene: dict, rng: random.Random, k: int) -> list[tuple[str, 
     """Up to `k` more (question, answer) pairs about `scene`, worded as the benchmark words them.
 
     Training asks them as follow-up turns about the same image: each image (whose encoding is most of
-    a training step's cost) then teaches several answers instead of one.
+    a training step's cost) then teaches several answers instead of one. Each pair's question type is
+    drawn first, uniformly among those the scene allows, so that attribute questions (three per object)
+    do not crowd out the slower-learned count and relation ones.
     """
     objects, text = scene["objects"], scene.get("text")
-    pool = []
+    pools = {"attribute": [], "count": [], "relation": [], "ocr": []}
     for cell, (size, color, shape) in objects.items():
-        pool += [(_attribute_question(cell, kind), answer)
-                 for kind, answer in (("color", color), ("shape", shape), ("size", size))]
+        pools["attribute"] += [(_attribute_question(cell, kind), answer)
+                               for kind, answer in (("color", color), ("shape", shape), ("size", size))]
     for color in COLORS:
-        pool.append((_count_question(color), str(sum(c == color for _, c, _ in objects.values()))))
+        pools["count"].append((_count_question(color), str(sum(c == color for _, c, _ in objects.values()))))
     for shape in SHAPES:
-        pool.append((_count_question(shape), str(sum(s == shape for _, _, s in objects.values()))))
+        pools["count"].append((_count_question(shape), str(sum(s == shape for _, _, s in objects.values()))))
     for a in objects:
         for b in objects:
             (ra, ca), (rb, cb) = _row_col(a), _row_col(b)
             if a != b and (ra == rb or ca == cb):
-                pool.append((_relation_question(objects[a], objects[b]), _relation_answer(a, b)))
+                pools["relation"].append((_relation_question(objects[a], objects[b]), _relation_answer(a, b)))
     if text:
-        pool.append((rng.choice(OCR_QUESTIONS), text[1]))
-    return rng.sample(pool, min(k, len(pool)))
+        pools["ocr"].append((rng.choice(OCR_QUESTIONS), text[1]))
+    chosen = []
+    while len(chosen) < k and any(pools.values()):
+        pool = pools[rng.choice([t for t, questions in pools.items() if questions])]
+        chosen.append(pool.pop(rng.randrange(len(pool))))
+    return chosen
 
 
 def make_training_sample(index: int, question_type: str | None = None, follow_ups: int = 0) -> dict:
