@@ -149,31 +149,43 @@ def test_tokenizer_and_labels_cover_only_the_answer():
 
 
 def test_follow_up_turns_are_the_benchmark_questions_answered_from_the_scene():
+    import collections
     import re
 
     where = r"row (\d) column (\d)"
-    for i in range(40):
+    kinds = collections.Counter()
+    for i in range(200):
         qtype, scene, question, answer, _, _ = synthvqa._draw("train", i, None)
         sample = synthvqa.make_training_sample(i, follow_ups=5)
         assert sample["turns"][0] == (question, answer) and sample["question_type"] == qtype
         assert len(sample["turns"]) == 6 and len({q for q, _ in sample["turns"]}) == 6
         objects = {synthvqa._row_col(cell): obj for cell, obj in scene["objects"].items()}
+        pos = {(c, s): rc for rc, (_, c, s) in objects.items()}
         for q, a in sample["turns"][1:]:
             if m := re.fullmatch(rf"What (color|shape|size) is (?:the shape )?in {where}\?", q):
                 size, color, shape = objects[(int(m[2]), int(m[3]))]
                 assert a == {"color": color, "shape": shape, "size": size}[m[1]]
+                kinds["attribute"] += 1
             elif m := re.fullmatch(r"How many (\w+) shapes are there\?", q):
                 assert a == str(sum(c == m[1] for _, c, _ in objects.values()))
+                kinds["count"] += 1
             elif m := re.fullmatch(r"How many (\w+)s are there\?", q):
                 assert a == str(sum(s == m[1] for _, _, s in objects.values()))
+                kinds["count"] += 1
             elif m := re.fullmatch(r"Where is the (\w+) (\w+) relative to the (\w+) (\w+)\?", q):
-                pos = {(c, s): rc for rc, (_, c, s) in objects.items()}
                 (ra, ca), (rb, cb) = pos[(m[1], m[2])], pos[(m[3], m[4])]
                 assert ra == rb or ca == cb
                 assert a == (("left" if ca < cb else "right") if ra == rb else ("above" if ra < rb else "below"))
+                kinds["relation"] += 1
+            elif m := re.fullmatch(r"Where is the (\w+) (\w+)\?", q):
+                assert a == "row {} column {}".format(*pos[(m[1], m[2])])
+                kinds["locate"] += 1
             else:
                 assert q in ("What is written in the grid?", "What word or number is written in the grid?"), q
                 assert a == scene["text"][1]
+                kinds["ocr"] += 1
+    # the kind of each follow-up is drawn first: attribute questions (three per object) do not crowd out the rest
+    assert all(kinds[k] > 0.15 * sum(kinds.values()) for k in ("attribute", "locate", "count", "relation")), kinds
     described = synthvqa.make_training_sample(3, "describe")
     assert described["question"] == synthvqa.DESCRIBE_QUESTION and described["answers"][0].count("row ") == 16
     with pytest.raises(ValueError, match="describe"):

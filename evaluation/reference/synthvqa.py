@@ -338,13 +338,16 @@ def scene_questions(scene: dict, rng: random.Random, k: int) -> list[tuple[str, 
     Training asks them as follow-up turns about the same image: each image (whose encoding is most of
     a training step's cost) then teaches several answers instead of one. Each pair's question type is
     drawn first, uniformly among those the scene allows, so that attribute questions (three per object)
-    do not crowd out the slower-learned count and relation ones.
+    do not crowd out the slower-learned count and relation ones. A training-only kind, "Where is the
+    red circle?" -> "row 2 column 3", teaches the step that relation questions need twice: from an
+    object's looks to its position (the other questions only go from a position to the looks).
     """
     objects, text = scene["objects"], scene.get("text")
-    pools = {"attribute": [], "count": [], "relation": [], "ocr": []}
+    pools = {"attribute": [], "locate": [], "count": [], "relation": [], "ocr": []}
     for cell, (size, color, shape) in objects.items():
         pools["attribute"] += [(_attribute_question(cell, kind), answer)
                                for kind, answer in (("color", color), ("shape", shape), ("size", size))]
+        pools["locate"].append((f"Where is the {color} {shape}?", _where(cell)))
     for color in COLORS:
         pools["count"].append((_count_question(color), str(sum(c == color for _, c, _ in objects.values()))))
     for shape in SHAPES:
