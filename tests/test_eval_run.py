@@ -232,6 +232,7 @@ def test_default_run_without_arguments(tmp_path, monkeypatch, capsys):
     small = dict(default.DEFAULT, tasks=["mme", "ai2d"], samples_per_task=2,
                  configs=[{"kv": "snapkv", "kv_budget": 0.5, "window_size": 4}], prune_configs=[])
     monkeypatch.setattr(default, "DEFAULT", small)
+    monkeypatch.setattr(default, "CHECKPOINTS", tmp_path / "none")  # the tiny fallback, whatever is committed
     monkeypatch.setenv("VLMCOMPRESS_EVAL_HOME", str(tmp_path))
     runs = cli.main([])
     assert [r["name"] for r in runs] == ["baseline", "kv=snapkv,kv_budget=0.5,window_size=4"]

@@ -307,6 +307,15 @@ def test_reference_accuracy_meets_the_target(arch):
     assert min(acc["per_type"].values()) >= 0.75, acc
 
 
+@pytest.mark.skipif("qwen2_vl" not in TRAINED, reason="no trained qwen2_vl checkpoint")
+def test_the_default_evaluation_runs_the_committed_qwen2_vl_checkpoint():
+    import evaluation.default as default
+
+    spec = default.resolve()
+    assert spec["mode"] == "reference" and spec["model"] == str(CHECKPOINTS / "qwen2_vl")
+    assert spec["tasks"] == ["synthvqa"]
+
+
 @needs_checkpoint
 @pytest.mark.parametrize("method", ["snapkv", "streamingllm"])
 def test_full_kv_budget_equals_baseline(arch, method):
