@@ -158,7 +158,23 @@ def markdown_table(runs: list[dict]) -> str:
             f"{_bytes(s.get('kv_bytes'))} | {_fmt(s.get('latency_s'), 4)} | {_bytes(s.get('peak_memory_bytes'))} | "
             f"{s.get('failures', 0) if not run.get('error') else 'config failed'} | "
             f"{'yes' if run['name'] in front_kv else 'no'} / {'yes' if run['name'] in front_lat else 'no'} |")
+    for task in dict.fromkeys(t for run in runs for t in run.get("tasks", {})):
+        lines += breakdown_table(runs, task)
     return "\n".join(lines) + "\n"
+
+
+def breakdown_table(runs: list[dict], task: str) -> list[str]:
+    """Lines of a per-config table of `task`'s sub-metrics (`<primary>_<part>`, e.g. exact match per
+    question type), or none when the task reports no such breakdown."""
+    scored = [(run["name"], run["tasks"][task]) for run in runs
+              if not run.get("error") and "error" not in run.get("tasks", {}).get(task, {"error": None})]
+    prefix = next(((t.get("primary") or {}).get("name", "") + "_" for _, t in scored), None)
+    parts = list(dict.fromkeys(k for _, t in scored for k in t.get("metrics", {}) if prefix and k.startswith(prefix)))
+    if not parts:
+        return []
+    lines = ["", f"| config | {task}: " + " | ".join(k[len(prefix):] for k in parts) + " |", "|" + "---|" * (len(parts) + 1)]
+    lines += [f"| {name} | " + " | ".join(_fmt(t["metrics"].get(k)) for k in parts) + " |" for name, t in scored]
+    return lines
 
 
 # --------------------------------------------------------------------------- Pareto

@@ -256,6 +256,7 @@ def test_default_run_uses_a_trained_reference_checkpoint_when_one_is_there(tmp_p
     runs = cli.main([])
     out = capsys.readouterr().out
     assert "TRAINED SynthVQA reference checkpoint, qwen2_vl" in out and "TINY RANDOM-WEIGHT" not in out
+    assert "| config | synthvqa: attribute | count | long_context | ocr | relation |" in out  # the per-type table
     assert [r["name"] for r in runs] == ["baseline", "kv=streamingllm,kv_budget=0.5"]
     metrics = runs[0]["tasks"]["synthvqa"]["metrics"]
     # the first five test questions are one of each type: each per-type accuracy is a 0/1 of one answer
