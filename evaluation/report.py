@@ -172,7 +172,8 @@ def breakdown_table(runs: list[dict], task: str) -> list[str]:
     parts = list(dict.fromkeys(k for _, t in scored for k in t.get("metrics", {}) if prefix and k.startswith(prefix)))
     if not parts:
         return []
-    lines = ["", f"| config | {task}: " + " | ".join(k[len(prefix):] for k in parts) + " |", "|" + "---|" * (len(parts) + 1)]
+    header = f"| config | {task}: " + " | ".join(k[len(prefix):] for k in parts) + " |"
+    lines = ["", header, "|" + "---|" * (len(parts) + 1)]
     lines += [f"| {name} | " + " | ".join(_fmt(t["metrics"].get(k)) for k in parts) + " |" for name, t in scored]
     return lines
 
