@@ -219,15 +219,16 @@ class FastForward:
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         (plain_loss, plain), (fast_loss, fast) = results
-        floor = ZERO_GRADIENT_FLOOR * max(g.abs().max().item() for g in plain.values() if g is not None)
+        largest = {name: g.abs().max().item() for name, g in plain.items() if g is not None}
+        floor = ZERO_GRADIENT_FLOOR * max(largest.values())
         if not torch.allclose(fast_loss, plain_loss, rtol=rtol, atol=0):
             return f"loss {fast_loss.item():.6g} vs {plain_loss.item():.6g}"
         for name, g in plain.items():
             f = fast[name]
             if (g is None) != (f is None):
                 return f"{name}: gradient {'missing' if f is None else 'unexpected'}"
-            if g is not None and not torch.allclose(f, g, rtol=0, atol=rtol * max(g.abs().max().item(), floor)):
-                return f"{name}: gradient differs by {(f - g).abs().max().item():.3g} (max {g.abs().max().item():.3g})"
+            if g is not None and not torch.allclose(f, g, rtol=0, atol=rtol * max(largest[name], floor)):
+                return f"{name}: gradient differs by {(f - g).abs().max().item():.3g} (max {largest[name]:.3g})"
         return None
 
 
