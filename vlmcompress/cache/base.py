@@ -68,9 +68,13 @@ def language_model_of(model: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(f"{type(model).__name__} has no decoder layers that a KV cache can attach to")
 
 
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # a forward's KV-cache keyword: since transformers 5.24, before
+
+
 def passed_cache(arguments: dict):
     """The KV cache a forward was called with: `cache=` since transformers 5.24, `past_key_values=` before."""
-    return arguments.get("cache", arguments.get("past_key_values"))
+    new_name, old_name = CACHE_ARGUMENTS
+    return arguments.get(new_name, arguments.get(old_name))
 
 
 def cache_argument(model: torch.nn.Module) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache.attention import bind_attention_arguments
-from ..cache.base import language_model_of, passed_cache, visual_token_ids
+from ..cache.base import CACHE_ARGUMENTS, language_model_of, passed_cache, visual_token_ids
 from ..grouped_sdpa import GROUPED_SDPA
 from ..pruning import allocate, fastv_keep, get_method, keep_count
 from ..pruning.scores import last_token_attention, vision_scores
@@ -397,7 +397,7 @@ def model_pre_hook(model, args, kwargs):
     cache = passed_cache(kwargs)
     prefill = cache is None or cache.get_seq_length() == 0
     if prefill:
-        inputs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+        inputs = {k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS}
         if not kwargs.get("mm_encoder_outputs"):
             runtime.calls = {}  # this forward encodes the images itself (else `generate` just did)
         runtime.begin(input_ids, inputs)
