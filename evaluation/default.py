@@ -95,13 +95,13 @@ def resolve(spec: dict | None = None, checkpoints: str | Path | None = None) -> 
     spec = DEFAULT if spec is None else spec
     base = {k: v for k, v in spec.items() if k != "reference"}
     reference = spec.get("reference")
-    found = find_checkpoint(reference["archs"], checkpoints) if reference else None
+    root = Path(checkpoints if checkpoints is not None else CHECKPOINTS)
+    found = find_checkpoint(reference["archs"], root) if reference else None
     if found is None:
         model = str(base["model"])
         arch = model.split(":", 1)[1] if model.startswith("tiny:") else None
         mode = "tiny" if model.startswith("tiny:") else "model"
-        searched = [str(Path(checkpoints if checkpoints is not None else CHECKPOINTS) / a / "model.safetensors")
-                    for a in (reference or {}).get("archs", [])]
+        searched = [str(root / a / "model.safetensors") for a in (reference or {}).get("archs", [])]
         return dict(base, mode=mode, arch=arch, searched=searched)
     arch, folder = found
     out = dict(base, **{k: v for k, v in reference.items() if k != "archs"})

@@ -167,7 +167,7 @@ def breakdown_table(runs: list[dict], task: str) -> list[str]:
     """Lines of a per-config table of `task`'s sub-metrics (`<primary>_<part>`, e.g. exact match per
     question type), or none when the task reports no such breakdown."""
     scored = [(run["name"], run["tasks"][task]) for run in runs
-              if not run.get("error") and "error" not in run.get("tasks", {}).get(task, {"error": None})]
+              if not run.get("error") and task in run.get("tasks", {}) and "error" not in run["tasks"][task]]
     prefix = next(((t.get("primary") or {}).get("name", "") + "_" for _, t in scored), None)
     parts = list(dict.fromkeys(k for _, t in scored for k in t.get("metrics", {}) if prefix and k.startswith(prefix)))
     if not parts:
