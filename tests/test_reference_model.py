@@ -244,13 +244,43 @@ def test_training_script_smoke_run_gives_a_loadable_checkpoint(tmp_path):
     # a second leg continues from the first one's output (weights, tokenizer, processor)
     again = tmp_path / "ref2"
     cmd = [sys.executable, str(ROOT / "evaluation" / "reference" / "train.py"), "--smoke", "--out", str(again),
-           "--arch", "qwen2_vl", "--init-from", str(out), "--max-steps", "1"]
+           "--arch", "qwen2_vl", "--init-from", str(out), "--max-steps", "1", "--grow-layers", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((again / "qwen2_vl" / "metrics.json").read_text())
     assert metrics["init_from"] == str(out / "qwen2_vl") and metrics["steps"] == 1
     assert "initialised from" in (again / "qwen2_vl" / "train.log").read_text()
+    config = json.loads((again / "qwen2_vl" / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == models.TEXT["num_hidden_layers"] + 2
     assert (again / "qwen2_vl" / "tokenizer.json").read_text() == (out / "qwen2_vl" / "tokenizer.json").read_text()
+
+
+@pytest.mark.parametrize("arch", models.ARCHITECTURES)
+def test_grown_language_model_answers_as_before_until_trained(arch, tmp_path):
+    """Block expansion: the inserted layers start as no-ops (zeroed output projections), the KV cache
+    indexes every layer, and the grown model saves and loads as an ordinary deeper checkpoint."""
+    from transformers import AutoModelForImageTextToText
+
+    model, processor = models.build_model(arch)
+    model.eval()
+    samples = [synthvqa.make_sample("test", i) for i in range(4)]
+    questions, images = [s["question"] for s in samples], [s["image"] for s in samples]
+    inputs = processor(text=[models.chat_prompt(processor, q) for q in questions], images=images,
+                       padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        before = model(**inputs).logits
+        answers = models.generate_answers(model, processor, questions, images, max_new_tokens=4)
+        models.grow_language_model(model, 2)
+        torch.testing.assert_close(model(**inputs).logits, before)
+        assert models.generate_answers(model, processor, questions, images, max_new_tokens=4) == answers
+    layers = model.model.language_model.layers
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(models.TEXT["num_hidden_layers"] + 2))
+    assert all(layer.mlp.down_proj.weight.abs().sum() == 0 for layer in layers[-3:-1])
+    assert layers[-1].mlp.down_proj.weight.abs().sum() > 0  # the original last layer stays last
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, before)
 
 
 # --------------------------------------------------------------------------- the trained checkpoints

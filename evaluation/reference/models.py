@@ -132,3 +132,32 @@ def generate_answers(model, processor, questions, images, batch_size: int = 100,
         new = generated[:, inputs["input_ids"].shape[1]:]
         out += [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
     return out
+
+
+def grow_language_model(model, new_layers: int) -> None:
+    """Insert `new_layers` decoder layers before the language model's last one, as no-ops at first.
+
+    Block expansion (LLaMA Pro, Wu et al. 2024, arXiv:2401.02415): each new layer is a copy of the
+    layer before it with its output projections (attention `o_proj`, MLP `down_proj`) zeroed, so the
+    residual stream and the model's answers are unchanged until training moves them. Used to give a
+    trained checkpoint more depth for multi-step questions without starting over.
+    """
+    import copy
+
+    if new_layers < 1:
+        raise ValueError(f"new_layers must be >= 1, got {new_layers}")
+    text_model = model.model.language_model
+    layers, config = text_model.layers, model.config.text_config
+    template = layers[-2] if len(layers) > 1 else layers[-1]
+    grown = []
+    for _ in range(new_layers):
+        layer = copy.deepcopy(template)
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+        grown.append(layer)
+    text_model.layers = torch.nn.ModuleList([*layers[:-1], *grown, layers[-1]])
+    for index, layer in enumerate(text_model.layers):
+        layer.self_attn.layer_idx = index  # the KV cache is indexed by it
+    config.num_hidden_layers = len(text_model.layers)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[0]] * len(text_model.layers)

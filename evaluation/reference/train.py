@@ -187,6 +187,10 @@ def train_one(arch: str, args) -> dict:
         processor = AutoProcessor.from_pretrained(start_from)
         tokenizer = processor.tokenizer
         log(f"initialised from {start_from}")
+        if args.grow_layers:
+            models.grow_language_model(model, args.grow_layers)
+            log(f"language model grown by {args.grow_layers} layers before its last one, "
+                f"to {model.config.text_config.num_hidden_layers}")
     elif start_from is not None:
         raise SystemExit(f"--init-from: no {start_from / 'model.safetensors'}")
     else:
@@ -377,6 +381,8 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=7.0, help="optimisation time per architecture")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="continue from DIR/<arch>/ (an earlier run's output): its weights, tokenizer and processor")
+    p.add_argument("--grow-layers", type=int, default=0, metavar="N",
+                   help="with --init-from: insert N no-op decoder layers before the language model's last one")
     p.add_argument("--max-steps", type=int, default=10**9)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -418,6 +424,8 @@ def parse_args(argv=None):
         args.workers = 0 if args.workers is None else args.workers
         args.minutes = 1e9
         args.threads = min(args.threads, 2)
+    if args.grow_layers and not args.init_from:
+        p.error("--grow-layers adds layers to a trained checkpoint: give --init-from too")
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     for a in archs:
         if a not in models.ARCHITECTURES:
