@@ -332,7 +332,10 @@ def make_sample(split: str, index: int, question_type: str | None = None) -> dic
             "question_type": qtype}
 
 
-def scene_questions(scene: dict, rng: random.Random, k: int) -> list[tuple[str, str]]:
+FOLLOW_UP_KINDS = ("attribute", "locate", "count", "relation", "ocr", "locate_pair")
+
+
+def scene_questions(scene: dict, rng: random.Random, k: int, weights: dict | None = None) -> list[tuple[str, str]]:
     """Up to `k` more (question, answer) pairs about `scene`, worded as the benchmark words them.
 
     Training asks them as follow-up turns about the same image: each image (whose encoding is most of
@@ -341,9 +344,14 @@ def scene_questions(scene: dict, rng: random.Random, k: int) -> list[tuple[str, 
     do not crowd out the slower-learned count and relation ones. A training-only kind, "Where is the
     red circle?" -> "row 2 column 3", teaches the step that relation questions need twice: from an
     object's looks to its position (the other questions only go from a position to the looks).
+
+    `weights` ({kind: weight}, kinds from FOLLOW_UP_KINDS, 0 for those left out) draws the kinds
+    unevenly. Only with it can the training-only "locate_pair" kind come up: "Where are the red circle
+    and the blue square?" -> "row 1 column 2 and row 3 column 2", the two positions a relation question
+    compares, each bound to its place in the question.
     """
     objects, text = scene["objects"], scene.get("text")
-    pools = {"attribute": [], "locate": [], "count": [], "relation": [], "ocr": []}
+    pools = {"attribute": [], "locate": [], "count": [], "relation": [], "ocr": [], "locate_pair": []}
     for cell, (size, color, shape) in objects.items():
         pools["attribute"] += [(_attribute_question(cell, kind), answer)
                                for kind, answer in (("color", color), ("shape", shape), ("size", size))]
@@ -357,22 +365,41 @@ def scene_questions(scene: dict, rng: random.Random, k: int) -> list[tuple[str, 
             (ra, ca), (rb, cb) = _row_col(a), _row_col(b)
             if a != b and (ra == rb or ca == cb):
                 pools["relation"].append((_relation_question(objects[a], objects[b]), _relation_answer(a, b)))
+            if a != b:
+                (_, ca, sa), (_, cb, sb) = objects[a], objects[b]
+                pools["locate_pair"].append((f"Where are the {ca} {sa} and the {cb} {sb}?",
+                                             f"{_where(a)} and {_where(b)}"))
     if text:
         pools["ocr"].append((rng.choice(OCR_QUESTIONS), text[1]))
+    if weights is None:
+        weights = dict.fromkeys(pools, 1.0)
+        weights["locate_pair"] = 0.0
+    unknown = set(weights) - set(pools)
+    if unknown:
+        raise ValueError(f"unknown follow-up kinds {sorted(unknown)}; choose from {FOLLOW_UP_KINDS}")
     chosen = []
-    while len(chosen) < k and any(pools.values()):
-        pool = pools[rng.choice([t for t, questions in pools.items() if questions])]
+    while len(chosen) < k:
+        kinds = [t for t, questions in pools.items() if questions and weights.get(t, 0.0) > 0]
+        if not kinds:
+            break
+        uniform = len({weights[t] for t in kinds}) == 1
+        # rng.choice when the kinds weigh the same: the draws (and so the training data) of earlier runs
+        kind = rng.choice(kinds) if uniform else rng.choices(kinds, [weights[t] for t in kinds])[0]
+        pool = pools[kind]
         chosen.append(pool.pop(rng.randrange(len(pool))))
     return chosen
 
 
-def make_training_sample(index: int, question_type: str | None = None, follow_ups: int = 0) -> dict:
+def make_training_sample(index: int, question_type: str | None = None, follow_ups: int = 0,
+                         follow_up_weights: dict | None = None) -> dict:
     """Training sample `index`: make_sample's keys plus "turns", the (question, answer) conversation.
 
-    The first turn is the benchmark question; `follow_ups` more are drawn by `scene_questions`.
+    The first turn is the benchmark question; `follow_ups` more are drawn by `scene_questions`
+    (with `follow_up_weights`).
     """
     qtype, scene, question, answer, image, rng = _draw("train", index, question_type)
-    more = [t for t in scene_questions(scene, rng, follow_ups + 1) if t[0] != question][:follow_ups]
+    more = scene_questions(scene, rng, follow_ups + 1, follow_up_weights)
+    more = [t for t in more if t[0] != question][:follow_ups]
     turns = [(question, answer)] + more
     return {"question_id": f"train-{index:06d}", "image": image, "question": question, "answers": [answer],
             "question_type": qtype, "turns": turns}

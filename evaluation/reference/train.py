@@ -53,16 +53,18 @@ class TrainStream(torch.utils.data.IterableDataset):
     arrays (sent through the workers' pipes) or, with `tensors`, of tensors (sent through shared memory).
     """
 
-    def __init__(self, batcher: Batcher, batch_size: int, seed: int = 0, tensors: bool = True, follow_ups: int = 0):
+    def __init__(self, batcher: Batcher, batch_size: int, seed: int = 0, tensors: bool = True, follow_ups: int = 0,
+                 follow_up_weights: dict | None = None):
         self.batcher, self.batch_size, self.seed, self.tensors = batcher, batch_size, seed, tensors
-        self.follow_ups = follow_ups
+        self.follow_ups, self.follow_up_weights = follow_ups, follow_up_weights
         self.weights = torch.ones(len(synthvqa.TRAINING_TYPES)).share_memory_()
 
     def batch(self, b: int) -> dict:
         rng = random.Random(f"mix/{self.seed}/{b}")
         weights = self.weights.tolist()
         start = self.seed * 100_000_000 + b * self.batch_size
-        samples = [synthvqa.make_training_sample(i, rng.choices(synthvqa.TRAINING_TYPES, weights)[0], self.follow_ups)
+        samples = [synthvqa.make_training_sample(i, rng.choices(synthvqa.TRAINING_TYPES, weights)[0], self.follow_ups,
+                                                 self.follow_up_weights)
                    for i in range(start, start + self.batch_size)]
         out = self.batcher.cpu_batch(samples, rng)
         return {k: torch.from_numpy(v) for k, v in out.items()} if self.tensors else out
@@ -209,7 +211,7 @@ def train_one(arch: str, args) -> dict:
     tensors = not args.pipes and shm >= args.batch_size * 0.25 * 2**20 * 4 * max(1, args.workers) * 2 * 2
     log(f"batches: {'fast (uint8 images, pixel_values made on the device)' if batcher.fast else 'processor'}, "
         f"sent through {'shared memory' if tensors else 'pipes'} (/dev/shm free: {shm / 2**30:.1f} GiB)")
-    stream = TrainStream(batcher, args.batch_size, args.seed, tensors, args.follow_ups)
+    stream = TrainStream(batcher, args.batch_size, args.seed, tensors, args.follow_ups, args.follow_up_weights)
     stream.weights.copy_(torch.tensor([0.8, 1.4, 1.0, 1.0, 0.8, 2 * DESCRIBE_WEIGHT]))  # descriptions first
     log(f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, device {device}, "
         f"params {n_params / 1e6:.2f} M, vocab {len(tokenizer)}")
@@ -288,7 +290,8 @@ def train_one(arch: str, args) -> dict:
     processor.save_pretrained(out)
     metrics = {
         "arch": arch, "params": n_params, "steps": step, "samples": seen, "train_seconds": round(train_time, 1),
-        "batch_size": args.batch_size, "lr": args.lr, "follow_ups": args.follow_ups, "skipped_updates": skipped,
+        "batch_size": args.batch_size, "lr": args.lr, "follow_ups": args.follow_ups,
+        "follow_up_weights": args.follow_up_weights, "skipped_updates": skipped,
         "init_from": str(start_from) if start_from else None,
         "fast_forward": forward is not model, "bf16": cuda and args.bf16,
         "device": str(device),
@@ -373,6 +376,23 @@ def kv_sweep(path: Path, test, device, log, n: int = 100, deadline: float = floa
 # --------------------------------------------------------------------------- driver
 
 
+def follow_up_weights(text: str) -> dict:
+    """"relation=3,locate_pair=1" -> every follow-up kind's weight (1, and 0 for locate_pair, unless given)."""
+    weights = dict.fromkeys(synthvqa.FOLLOW_UP_KINDS, 1.0)
+    weights["locate_pair"] = 0.0
+    for item in filter(None, text.split(",")):
+        kind, _, value = item.partition("=")
+        if kind not in weights:
+            raise argparse.ArgumentTypeError(f"unknown follow-up kind {kind!r}; choose from {synthvqa.FOLLOW_UP_KINDS}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: give KIND=NUMBER, e.g. relation=3") from None
+        if weights[kind] < 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: weights must be >= 0")
+    return weights
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default=",".join(models.ARCHITECTURES),
@@ -390,6 +410,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--follow-ups", type=int, default=5,
                    help="more questions about each training image, asked as later turns (synthvqa.scene_questions)")
+    p.add_argument("--follow-up-weights", type=follow_up_weights, default=None, metavar="KIND=W,...",
+                   help="draw the follow-ups' kinds unevenly, e.g. relation=3,locate_pair=1 (others weigh 1, "
+                        f"locate_pair 0); kinds: {','.join(synthvqa.FOLLOW_UP_KINDS)}")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per architecture")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
     p.add_argument("--val-n", type=int, default=synthvqa.SPLIT_SIZES["validation"])
