@@ -102,7 +102,28 @@ def build_model(name: str, device, toy_dir: str | None, attn: str | None = None)
     return model.eval(), processor
 
 
-def run_one(model, inputs, method: dict, budget, options: dict, new_tokens: int, repeats: int, device) -> dict:
+def profile_generate(generate, device, top: int, new_tokens: int) -> dict:
+    """One more `generate` under torch.profiler: kernel launches and the `top` operators by self time
+    (device time on CUDA, CPU time otherwise), each per generated token (prefill included)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        generate()
+        synchronize(device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+    return {
+        "kernel_launches_per_token": launches / new_tokens,
+        "top": [{"name": e.key[:120], "calls_per_token": e.count / new_tokens,
+                 "self_us_per_token": getattr(e, attr) / new_tokens} for e in ranked],
+    }
+
+
+def run_one(model, inputs, method: dict, budget, options: dict, new_tokens: int, repeats: int, device,
+            profile_top: int = 0) -> dict:
     kv_budget = budget if method["kv"] else None
     prune_budget = (0.25 if method["kv"] else budget) if method["prune"] else None
     options = {k: v for k, v in options.items() if k in accepted_options(method["kv"], method["prune"])}
@@ -130,6 +151,7 @@ def run_one(model, inputs, method: dict, budget, options: dict, new_tokens: int,
         totals.append(timed(full, device)[0])
         if device.type == "cuda":
             peaks.append(torch.cuda.max_memory_allocated(device))
+    profile = profile_generate(full, device, profile_top, new_tokens) if profile_top else None
     stats = model.compression_stats
     batch = inputs["input_ids"].shape[0]
     ttft, total = statistics.median(ttfts), statistics.median(totals)
@@ -143,6 +165,7 @@ def run_one(model, inputs, method: dict, budget, options: dict, new_tokens: int,
         "decode_tok_s": batch * (new_tokens - 1) / decode_seconds,
         "decode_step_s": decode_seconds / (new_tokens - 1),
         "peak_gb": statistics.median(peaks) / 2**30 if peaks else None,
+        **({"profile": profile} if profile else {}),
     }
 
 
@@ -174,6 +197,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--hires", type=int, default=1344, help="side of the high-resolution image, pixels")
     parser.add_argument("--option", action="append", default=[], help="method option, e.g. window_size=32")
     parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="profile one more generate per row: kernel launches and the TOP operators, per token")
     parser.add_argument("--toy", default=None, help="a tiny checkpoint folder: run on the CPU at toy size")
     parser.add_argument("--attn", default=None,
                         help="attn_implementation, e.g. sdpa (transformers' own); default: vlmcompress.load's")
@@ -207,7 +232,8 @@ def main(argv=None) -> list[dict]:
                     for budget in budgets:
                         row = {"model": name, "input": kind, "batch": batch, "method": spec, "budget": budget}
                         try:
-                            row.update(run_one(model, inputs, method, budget, options, args.new_tokens, args.repeats, device))
+                            row.update(run_one(model, inputs, method, budget, options, args.new_tokens, args.repeats, device,
+                                               args.profile))
                         except Exception as error:  # one failing configuration must not lose the others
                             row["error"] = f"{type(error).__name__}: {error}"
                             print(json.dumps(row), flush=True)

@@ -28,6 +28,18 @@ def test_benchmark_script_runs_at_toy_size(tiny_dirs, tmp_path):
     assert len(saved["rows"]) == 4
 
 
+def test_benchmark_profile_reports_operators_per_token(tiny_dirs, tmp_path):
+    rows = bench.main([
+        "--toy", tiny_dirs["qwen2_vl"], "--models", "toy", "--methods", "none,snapkv", "--budgets", "0.25",
+        "--new-tokens", "4", "--repeats", "1", "--option", "window_size=4", "--profile", "5", "--out", str(tmp_path),
+    ])
+    for row in rows:
+        top = row["profile"]["top"]
+        assert len(top) == 5 and all(op["calls_per_token"] > 0 for op in top)
+        assert [op["self_us_per_token"] for op in top] == sorted((op["self_us_per_token"] for op in top), reverse=True)
+        assert any(op["name"].startswith("aten::") for op in top)
+
+
 def test_multi_gpu_script_runs_at_toy_size_with_two_cpu_ranks(tmp_path):
     import multi_gpu
 
