@@ -110,3 +110,28 @@ def test_decode_masks_of_both_implementations_give_the_same_attention(q_len):
         assert mask.shape == (BATCH, HEADS if implementation == "sdpa" else KV_HEADS, q_len, HELD + q_len)
         outputs.append(attention(module(implementation), query, key, value, mask, scaling=0.25)[0])
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_padded_layer_decodes_from_views_of_one_buffer():
+    """Decoding is launch-bound, so a padded layer's validity and its vlmcompress_sdpa mask are views of
+    buffers with room ahead: one allocation for many steps, each step's mask the literal one."""
+    from vlmcompress.cache.base import ROOM
+
+    cache, layer = SnapKVCache(budget=0.5), CompressedLayer()
+    valid = ragged_slots(2)
+    layer.keys, layer.values = torch.zeros(BATCH, KV_HEADS, HELD, DIM), torch.zeros(BATCH, KV_HEADS, HELD, DIM)
+    layer.slot_valid, layer.compressed, layer.is_initialized = valid.clone(), True, True
+    buffers = set()
+    for step in range(5):
+        mask = cache.decode_attention_mask(module(GROUPED_SDPA), layer, 1, torch.float32)
+        expected = torch.cat([valid, torch.ones(BATCH, KV_HEADS, step + 1, dtype=torch.bool)], dim=-1)[:, :, None]
+        assert mask.shape == (BATCH, KV_HEADS, 1, HELD + step + 1)
+        assert torch.equal(mask == 0, expected) and bool((mask[~expected] == torch.finfo(torch.float32).min).all())
+        layer.update(torch.randn(BATCH, KV_HEADS, 1, DIM), torch.randn(BATCH, KV_HEADS, 1, DIM))
+        assert torch.equal(layer.slot_valid, expected[:, :, 0]) and layer.keys.shape[-2] == HELD + step + 1
+        buffers.add((layer.slot_valid.data_ptr(), mask.data_ptr()))
+    assert len(buffers) == 1 and layer._validity_room.shape[-1] == HELD + 1 + ROOM
+    # eviction replacing the validity (a decode-time method) gets a fresh buffer with its own content
+    layer.slot_valid = layer.slot_valid & (torch.arange(HELD + 5) != 0)
+    mask = cache.decode_attention_mask(module(GROUPED_SDPA), layer, 1, torch.float32)
+    assert bool((mask[..., 0] < 0).all()) and mask.data_ptr() not in {m for _, m in buffers}

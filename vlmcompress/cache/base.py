@@ -44,6 +44,9 @@ from .attention import (
     slice_positions,
 )
 
+# Decoding steps one allocation of a padded layer's validity and mask buffers lasts (CompressedLayer).
+ROOM = 256
+
 # Scores at or above this are "always keep"; they are ordered among themselves by the
 # offset added to it, so a budget smaller than the protected set keeps its best part.
 PROTECTED = 1e12
@@ -114,6 +117,10 @@ class CompressedLayer(DynamicLayer):
         # place, so a cache at its budget neither grows nor is copied while decoding.
         self.free_slot: torch.Tensor | None = None
         self.uniform_capacity: int | None = None  # host copy of `capacity` when equal for all rows
+        # Decoding is launch-bound: a padded layer's validity and its additive mask live in buffers with
+        # room for the coming tokens (valid, mask 0), so a step takes views of them and launches no kernel.
+        self._validity_room: torch.Tensor | None = None  # [b, h, room] bool; slot_valid is a prefix view
+        self._mask_room: torch.Tensor | None = None  # [b, h, 1, room] additive form of _validity_room
 
     def update(self, key_states, value_states, *args, **kwargs):
         new = key_states.shape[-2]
@@ -126,9 +133,7 @@ class CompressedLayer(DynamicLayer):
                 fresh = torch.arange(self.seen_tokens, self.seen_tokens + new, device=keys.device)
                 self.positions = torch.cat([self.positions, fresh.expand(b, h, new)], dim=-1)
             if self.slot_valid is not None:
-                self.slot_valid = torch.cat(
-                    [self.slot_valid, torch.ones(b, h, new, dtype=torch.bool, device=keys.device)], dim=-1
-                )
+                self.slot_valid = self.validity_with_room(new)[..., : self.slot_valid.shape[-1] + new]
             if self.scores is not None:
                 self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, new)], dim=-1)
         self.seen_tokens += new
@@ -145,6 +150,30 @@ class CompressedLayer(DynamicLayer):
         self.free_slot = None
         self.seen_tokens += 1
         return self.keys, self.values
+
+    def validity_with_room(self, new: int) -> torch.Tensor:
+        """The buffer whose prefix is `slot_valid`, followed by at least `new` valid slots. Reallocated (and
+        `slot_valid` made its prefix view) only when `slot_valid` is no longer its prefix (eviction replaced
+        it) or the room ran out, so one allocation serves `ROOM` decoding steps."""
+        valid, room = self.slot_valid, self._validity_room
+        held = valid.shape[-1]
+        is_prefix = (room is not None and valid.data_ptr() == room.data_ptr() and valid.stride() == room.stride()
+                     and valid.shape[:2] == room.shape[:2])
+        if not is_prefix or room.shape[-1] < held + new:
+            room = torch.ones(*valid.shape[:2], held + new + ROOM, dtype=torch.bool, device=valid.device)
+            room[..., :held] = valid
+            self._validity_room, self._mask_room = room, None
+            self.slot_valid = room[..., :held]
+        return room
+
+    def additive_decode_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """`[b, h, 1, held + 1]`: 0 where one new token may attend (its own slot included), the dtype's
+        minimum where not; a view of `_mask_room`."""
+        room = self.validity_with_room(1)
+        if self._mask_room is None or self._mask_room.dtype != dtype:
+            self._mask_room = torch.zeros(room[:, :, None].shape, dtype=dtype, device=room.device).masked_fill_(
+                ~room[:, :, None], torch.finfo(dtype).min)
+        return self._mask_room[..., : self.slot_valid.shape[-1] + 1]
 
     def get_seq_length(self) -> int:
         # Tokens seen, not held: the models derive positions (rotary phases) from it.
@@ -546,11 +575,13 @@ class CompressedCache(DynamicCache):
         valid = layer.slot_valid
         if valid is None and query_length == 1:
             return None
+        implementation = getattr(module.config, "_attn_implementation", "sdpa") or "sdpa"
+        if query_length == 1 and implementation == GROUPED_SDPA:
+            return layer.additive_decode_mask(dtype)
         batch, kv_heads, held = layer.keys.shape[:3]
         device = layer.keys.device
         if valid is None:
             valid = torch.ones(batch, kv_heads, held, dtype=torch.bool, device=device)
-        implementation = getattr(module.config, "_attn_implementation", "sdpa") or "sdpa"
         if "flash" in implementation:
             if not bool((valid == valid[:, :1]).all()):
                 raise NotImplementedError(
