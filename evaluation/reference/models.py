@@ -6,6 +6,8 @@ the upstream processor classes), so the same code builds the models on transform
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from vlmcompress.testing import _SPECIAL, _chat_template
@@ -142,8 +144,6 @@ def grow_language_model(model, new_layers: int) -> None:
     residual stream and the model's answers are unchanged until training moves them. Used to give a
     trained checkpoint more depth for multi-step questions without starting over.
     """
-    import copy
-
     if new_layers < 1:
         raise ValueError(f"new_layers must be >= 1, got {new_layers}")
     text_model = model.model.language_model
