@@ -193,33 +193,44 @@ def test_follow_up_turns_are_the_benchmark_questions_answered_from_the_scene():
         synthvqa.make_sample("test", 0, question_type="nope")
 
 
-def test_follow_up_weights_shift_the_kinds_and_pair_questions_give_both_positions():
+def test_follow_up_weights_shift_the_kinds_and_the_relation_steps_are_answered_from_the_scene():
     import collections
     import re
 
     sys.path.insert(0, str(ROOT / "evaluation" / "reference"))
     from train import follow_up_weights
 
-    weights = follow_up_weights("relation=4,locate_pair=2")
-    assert weights == {"attribute": 1.0, "locate": 1.0, "count": 1.0, "relation": 4.0, "ocr": 1.0, "locate_pair": 2.0}
-    for bad in ("nope=1", "relation=x", "relation=-1"):
-        with pytest.raises(Exception, match="nope|NUMBER|>= 0"):
+    weights = follow_up_weights("relation=4,locate_pair=2,row_of=1,column_of=1,same_line=1")
+    assert weights == {"attribute": 1.0, "locate": 1.0, "count": 1.0, "relation": 4.0, "ocr": 1.0,
+                       "locate_pair": 2.0, "row_of": 1.0, "column_of": 1.0, "same_line": 1.0}
+    for bad, message in (("nope=1", "nope"), ("relation=x", "NUMBER"), ("relation=-1", ">= 0")):
+        with pytest.raises(Exception, match=message):
             follow_up_weights(bad)
-    kinds, pairs = collections.Counter(), 0
+    kinds = collections.Counter()
     for i in range(150):
         _, scene, _, _, _, _ = synthvqa._draw("train", i, "relation")
-        pos = {(c, s): synthvqa._where(cell) for cell, (_, c, s) in scene["objects"].items()}
+        pos = {(c, s): synthvqa._row_col(cell) for cell, (_, c, s) in scene["objects"].items()}
         for q, a in synthvqa.make_training_sample(i, "relation", 5, weights)["turns"][1:]:
             if m := re.fullmatch(r"Where are the (\w+) (\w+) and the (\w+) (\w+)\?", q):
-                assert a == f"{pos[(m[1], m[2])]} and {pos[(m[3], m[4])]}" and m.group(1, 2) != m.group(3, 4)
-                pairs += 1
-            kinds["relation" if "relative to" in q else "other"] += 1
-    assert pairs > 50 and kinds["relation"] > 0.3 * sum(kinds.values()), (pairs, kinds)
-    # without weights: no pair questions, and the same turns as the uniform draw always gave
+                assert a == "row {} column {} and row {} column {}".format(*pos[m[1], m[2]], *pos[m[3], m[4]])
+                assert m.group(1, 2) != m.group(3, 4)
+                kinds["locate_pair"] += 1
+            elif m := re.fullmatch(r"Which (row|column) is the (\w+) (\w+) in\?", q):
+                assert a == str(pos[m[2], m[3]][m[1] == "column"])
+                kinds[m[1] + "_of"] += 1
+            elif m := re.fullmatch(r"Are the (\w+) (\w+) and the (\w+) (\w+) in the same (row|column)\?", q):
+                axis = m[5] == "column"
+                assert a == ("yes" if pos[m[1], m[2]][axis] == pos[m[3], m[4]][axis] else "no")
+                kinds["same_line"] += 1
+            else:
+                kinds["relation" if "relative to" in q else "other"] += 1
+    assert min(kinds[k] for k in ("locate_pair", "row_of", "column_of", "same_line")) > 20, kinds
+    assert kinds["relation"] > 0.2 * sum(kinds.values()), kinds
+    # without weights: none of the extra kinds, and the same turns as the uniform draw always gave
     plain = [synthvqa.make_training_sample(i, None, 5)["turns"] for i in range(30)]
-    assert not any(q.startswith("Where are") for turns in plain for q, _ in turns)
-    uniform = dict(weights, relation=1.0, locate_pair=0.0)
-    assert plain == [synthvqa.make_training_sample(i, None, 5, uniform)["turns"] for i in range(30)]
+    assert not any(q.startswith(("Where are", "Which", "Are")) for turns in plain for q, _ in turns)
+    assert plain == [synthvqa.make_training_sample(i, None, 5, synthvqa.follow_up_weights())["turns"]
+                     for i in range(30)]
 
 
 @pytest.mark.parametrize("arch", models.ARCHITECTURES)

@@ -332,7 +332,21 @@ def make_sample(split: str, index: int, question_type: str | None = None) -> dic
             "question_type": qtype}
 
 
-FOLLOW_UP_KINDS = ("attribute", "locate", "count", "relation", "ocr", "locate_pair")
+# Follow-up kinds drawn by default (uniformly), and training-only ones drawn only when given a weight.
+FOLLOW_UP_KINDS = ("attribute", "locate", "count", "relation", "ocr")
+EXTRA_FOLLOW_UP_KINDS = ("locate_pair", "row_of", "column_of", "same_line")
+
+
+def follow_up_weights(**given: float) -> dict:
+    """Every follow-up kind's weight: 1 for FOLLOW_UP_KINDS and 0 for EXTRA_FOLLOW_UP_KINDS, unless given."""
+    weights = dict.fromkeys(FOLLOW_UP_KINDS, 1.0) | dict.fromkeys(EXTRA_FOLLOW_UP_KINDS, 0.0)
+    unknown = set(given) - set(weights)
+    if unknown:
+        raise ValueError(f"unknown follow-up kinds {sorted(unknown)}; choose from {list(weights)}")
+    bad = {kind: w for kind, w in given.items() if not w >= 0}
+    if bad:
+        raise ValueError(f"follow-up weights must be >= 0, got {bad}")
+    return weights | {kind: float(w) for kind, w in given.items()}
 
 
 def scene_questions(scene: dict, rng: random.Random, k: int, weights: dict | None = None) -> list[tuple[str, str]]:
@@ -345,17 +359,21 @@ def scene_questions(scene: dict, rng: random.Random, k: int, weights: dict | Non
     red circle?" -> "row 2 column 3", teaches the step that relation questions need twice: from an
     object's looks to its position (the other questions only go from a position to the looks).
 
-    `weights` ({kind: weight}, kinds from FOLLOW_UP_KINDS, 0 for those left out) draws the kinds
-    unevenly. Only with it can the training-only "locate_pair" kind come up: "Where are the red circle
-    and the blue square?" -> "row 1 column 2 and row 3 column 2", the two positions a relation question
-    compares, each bound to its place in the question.
+    `weights` (from `follow_up_weights`) draws the kinds unevenly, and only with it do the steps of a
+    relation question come up as questions of their own (EXTRA_FOLLOW_UP_KINDS): "locate_pair", "Where
+    are the red circle and the blue square?" -> "row 1 column 2 and row 3 column 2"; and, answered in one
+    token as a relation question must be, "row_of" / "column_of", "Which row is the red circle in?" ->
+    "1", and "same_line", "Are the red circle and the blue square in the same row?" -> "yes".
     """
     objects, text = scene["objects"], scene.get("text")
-    pools = {"attribute": [], "locate": [], "count": [], "relation": [], "ocr": [], "locate_pair": []}
+    pools = {kind: [] for kind in FOLLOW_UP_KINDS + EXTRA_FOLLOW_UP_KINDS}
     for cell, (size, color, shape) in objects.items():
         pools["attribute"] += [(_attribute_question(cell, kind), answer)
                                for kind, answer in (("color", color), ("shape", shape), ("size", size))]
         pools["locate"].append((f"Where is the {color} {shape}?", _where(cell)))
+        row, col = _row_col(cell)
+        pools["row_of"].append((f"Which row is the {color} {shape} in?", str(row)))
+        pools["column_of"].append((f"Which column is the {color} {shape} in?", str(col)))
     for color in COLORS:
         pools["count"].append((_count_question(color), str(sum(c == color for _, c, _ in objects.values()))))
     for shape in SHAPES:
@@ -366,17 +384,13 @@ def scene_questions(scene: dict, rng: random.Random, k: int, weights: dict | Non
             if a != b and (ra == rb or ca == cb):
                 pools["relation"].append((_relation_question(objects[a], objects[b]), _relation_answer(a, b)))
             if a != b:
-                (_, ca, sa), (_, cb, sb) = objects[a], objects[b]
-                pools["locate_pair"].append((f"Where are the {ca} {sa} and the {cb} {sb}?",
-                                             f"{_where(a)} and {_where(b)}"))
+                pair = f"the {objects[a][1]} {objects[a][2]} and the {objects[b][1]} {objects[b][2]}"
+                pools["locate_pair"].append((f"Where are {pair}?", f"{_where(a)} and {_where(b)}"))
+                pools["same_line"] += [(f"Are {pair} in the same {line}?", "yes" if same else "no")
+                                       for line, same in (("row", ra == rb), ("column", ca == cb))]
     if text:
         pools["ocr"].append((rng.choice(OCR_QUESTIONS), text[1]))
-    if weights is None:
-        weights = dict.fromkeys(pools, 1.0)
-        weights["locate_pair"] = 0.0
-    unknown = set(weights) - set(pools)
-    if unknown:
-        raise ValueError(f"unknown follow-up kinds {sorted(unknown)}; choose from {FOLLOW_UP_KINDS}")
+    weights = follow_up_weights(**(weights or {}))
     chosen = []
     while len(chosen) < k:
         kinds = [t for t, questions in pools.items() if questions and weights.get(t, 0.0) > 0]

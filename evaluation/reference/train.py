@@ -377,20 +377,18 @@ def kv_sweep(path: Path, test, device, log, n: int = 100, deadline: float = floa
 
 
 def follow_up_weights(text: str) -> dict:
-    """"relation=3,locate_pair=1" -> every follow-up kind's weight (1, and 0 for locate_pair, unless given)."""
-    weights = dict.fromkeys(synthvqa.FOLLOW_UP_KINDS, 1.0)
-    weights["locate_pair"] = 0.0
+    """"relation=3,locate_pair=1" -> every follow-up kind's weight (synthvqa.follow_up_weights)."""
+    given = {}
     for item in filter(None, text.split(",")):
         kind, _, value = item.partition("=")
-        if kind not in weights:
-            raise argparse.ArgumentTypeError(f"unknown follow-up kind {kind!r}; choose from {synthvqa.FOLLOW_UP_KINDS}")
         try:
-            weights[kind] = float(value)
+            given[kind] = float(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{item!r}: give KIND=NUMBER, e.g. relation=3") from None
-        if weights[kind] < 0:
-            raise argparse.ArgumentTypeError(f"{item!r}: weights must be >= 0")
-    return weights
+    try:
+        return synthvqa.follow_up_weights(**given)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_args(argv=None):
@@ -411,8 +409,8 @@ def parse_args(argv=None):
     p.add_argument("--follow-ups", type=int, default=5,
                    help="more questions about each training image, asked as later turns (synthvqa.scene_questions)")
     p.add_argument("--follow-up-weights", type=follow_up_weights, default=None, metavar="KIND=W,...",
-                   help="draw the follow-ups' kinds unevenly, e.g. relation=3,locate_pair=1 (others weigh 1, "
-                        f"locate_pair 0); kinds: {','.join(synthvqa.FOLLOW_UP_KINDS)}")
+                   help="draw the follow-ups' kinds unevenly, e.g. relation=3,row_of=1; unnamed kinds weigh 1 "
+                        f"({','.join(synthvqa.FOLLOW_UP_KINDS)}) or 0 ({','.join(synthvqa.EXTRA_FOLLOW_UP_KINDS)})")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per architecture")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
     p.add_argument("--val-n", type=int, default=synthvqa.SPLIT_SIZES["validation"])
