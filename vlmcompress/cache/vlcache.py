@@ -44,30 +44,29 @@ class VLCacheCache(CompressedCache):
         return slot[None, :] > last_visual[:, None]
 
     def score(self, ctx: PromptContext) -> torch.Tensor:
+        """The post-vision attention each key receives, `[b, h, n]`; sets `ctx.density`, the share of the
+        visible post-vision attention entries >= threshold x their row's maximum, `[b]`. One pass over
+        the attention serves both."""
         post = self.post_vision_queries(ctx)
         last = int((ctx.length - post.float().argmax(dim=-1)).max())  # longest post-vision span
         weight = post[:, -last:].float()
-        ctx.density = self.density(ctx, last, weight)
-        return ctx.accumulated_attention(last, query_weight=weight)
-
-    def density(self, ctx: PromptContext, last: int, weight: torch.Tensor) -> torch.Tensor:
-        """`[b]` share of visible post-vision attention entries >= threshold × row max."""
-        dense = torch.zeros(ctx.keys.shape[0], dtype=torch.float64, device=ctx.keys.device)
-        visible = torch.zeros_like(dense)
+        scores, dense, visible = None, 0.0, 0.0
         for rows, probs in ctx.attention_chunks(last):
-            row_max = probs.amax(dim=-1, keepdim=True)
-            seen = probs > 0
-            kept = (probs >= self.threshold * row_max) & seen
             w = weight[:, None, None, rows, None]
-            dense += (kept * w).sum(dim=(1, 2, 3, 4)).double()
-            visible += (seen * w).sum(dim=(1, 2, 3, 4)).double()
-        return dense / visible.clamp(min=1)
+            part = (probs * w).sum(dim=3).mean(dim=2).double()
+            scores = part if scores is None else scores + part
+            seen = probs > 0
+            kept = (probs >= self.threshold * probs.amax(dim=-1, keepdim=True)) & seen
+            dense = dense + (kept * w).sum(dim=(1, 2, 3, 4)).double()
+            visible = visible + (seen * w).sum(dim=(1, 2, 3, 4)).double()
+        ctx.density = dense / visible.clamp(min=1)
+        return scores
 
     def allocate_all_layers(self, contexts: list[PromptContext]) -> list[torch.Tensor]:
         first = contexts[0]
-        per_sample = []
-        for b, (mean, length) in enumerate(zip(first.budget.tolist(), first.real_length.tolist())):
-            densities = [float(ctx.density[b]) for ctx in contexts]
-            per_sample.append(integer_allocation(densities, int(mean) * len(contexts), upper=int(length), lower=1))
-        return [torch.tensor([counts[layer] for counts in per_sample], device=first.budget.device)
-                for layer in range(len(contexts))]
+        # one device-to-host copy of every layer's densities (not one per layer and sample)
+        densities = torch.stack([ctx.density for ctx in contexts], dim=1).tolist()  # [b][layer]
+        per_sample = [integer_allocation(row, int(mean) * len(contexts), upper=int(length), lower=1)
+                      for row, mean, length in zip(densities, first.budget.tolist(), first.real_length.tolist())]
+        counts = torch.tensor(per_sample, device=first.budget.device)  # [b, layers]
+        return list(counts.T)
