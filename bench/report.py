@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 COLUMNS = ["model", "input", "batch", "method", "budget", "prompt", "visual→LLM", "prefill s", "TTFT s",
@@ -17,10 +18,17 @@ COLUMNS = ["model", "input", "batch", "method", "budget", "prompt", "visual→LL
 
 
 def load(paths):
+    """`(file name, run)` for every `bench.py` run in `paths`: a file holds one run (its command, machine and
+    rows) or several under "runs". Files of the other scripts (kvpress_compare, sparse24, multi_gpu) have
+    their own layouts and are skipped with a note on stderr."""
     runs = []
     for path in paths:
         data = json.loads(Path(path).read_text())
-        runs.append((Path(path).name, data))
+        found = [run for run in data.get("runs", [data]) if "command" in run and "rows" in run
+                 and all("model" in row and "method" in row for row in run["rows"])]
+        if not found:
+            print(f"{path}: not a bench.py result, skipped", file=sys.stderr)
+        runs += [(Path(path).name, run) for run in found]
     return runs
 
 

@@ -40,6 +40,22 @@ def test_benchmark_profile_reports_operators_per_token(tiny_dirs, tmp_path):
         assert any(op["name"].startswith("aten::") for op in top)
 
 
+def test_report_reads_every_bench_run_and_skips_other_result_files(tmp_path, capsys):
+    import report
+
+    row = {"model": "m", "input": "hires", "batch": 8, "method": "none", "budget": None, "prompt_tokens": 10,
+           "prefill_s": 1.0, "ttft_s": 1.1, "decode_tok_s": 100.0, "kv_bytes": 2**20}
+    one = {"command": "python bench/bench.py", "machine": {}, "rows": [row]}
+    files = {"one.json": one, "two.json": {"note": "two calls", "runs": [one, dict(one, rows=[dict(row, batch=1)])]},
+             "sparse.json": {"meta": {}, "rows": [{"part": "mlp", "speedup": 1.2}]}, "multi.json": {"command": "x"}}
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    runs = report.load(sorted(str(tmp_path / name) for name in files))
+    assert [name for name, _ in runs] == ["one.json", "two.json", "two.json"]
+    assert capsys.readouterr().err.count("not a bench.py result") == 2
+    assert report.table(runs).count("| m | hires |") == 3
+
+
 def test_multi_gpu_script_runs_at_toy_size_with_two_cpu_ranks(tmp_path):
     import multi_gpu
 
