@@ -97,14 +97,19 @@ def attention_chunks(
         yield rows, torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
-def accumulated_attention(queries, keys, scaling, query_slots, key_valid=None, query_weight=None) -> torch.Tensor:
-    """Attention each key receives, summed over the queries (weighted by `query_weight` `[b, q]`)
-    and averaged over the query heads that share its KV head: `[b, h, n]` in float64."""
+def received_attention(probs: torch.Tensor) -> torch.Tensor:
+    """`[b, h, n]` attention each key receives from one chunk of `attention_chunks` (probs
+    `[b, h, groups, rows, n]`), summed over its queries and averaged over the query heads that share the
+    key's KV head, in float64."""
+    return probs.sum(dim=3).mean(dim=2).double()
+
+
+def accumulated_attention(queries, keys, scaling, query_slots, key_valid=None) -> torch.Tensor:
+    """Attention each key receives, summed over the queries and averaged over the query heads that
+    share its KV head: `[b, h, n]` in float64."""
     total = None
-    for rows, probs in attention_chunks(queries, keys, scaling, query_slots, key_valid):
-        if query_weight is not None:
-            probs = probs * query_weight[:, None, None, rows, None]
-        part = probs.sum(dim=3).mean(dim=2).double()
+    for _, probs in attention_chunks(queries, keys, scaling, query_slots, key_valid):
+        part = received_attention(probs)
         total = part if total is None else total + part
     return total
 

@@ -264,11 +264,10 @@ class PromptContext:
     def query_slots(self, last: int) -> torch.Tensor:
         return torch.arange(self.length - last, self.length, device=self.keys.device)
 
-    def accumulated_attention(self, last: int, query_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def accumulated_attention(self, last: int) -> torch.Tensor:
         """Attention received by each key from the last `last` queries, `[b, h, n]` (float64)."""
-        return accumulated_attention(
-            self.queries(last), self.keys, self.module.scaling, self.query_slots(last), self.key_valid, query_weight
-        )
+        return accumulated_attention(self.queries(last), self.keys, self.module.scaling, self.query_slots(last),
+                                     self.key_valid)
 
     def attention_chunks(self, last: int):
         return attention_chunks(self.queries(last), self.keys, self.module.scaling, self.query_slots(last), self.key_valid)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention import received_attention
 from .base import CompressedCache, PromptContext, integer_allocation
 
 
@@ -53,7 +54,7 @@ class VLCacheCache(CompressedCache):
         scores, dense, visible = None, 0.0, 0.0
         for rows, probs in ctx.attention_chunks(last):
             w = weight[:, None, None, rows, None]
-            part = (probs * w).sum(dim=3).mean(dim=2).double()
+            part = received_attention(probs * w)
             scores = part if scores is None else scores + part
             seen = probs > 0
             kept = (probs >= self.threshold * probs.amax(dim=-1, keepdim=True)) & seen
