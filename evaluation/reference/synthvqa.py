@@ -393,7 +393,7 @@ def scene_questions(scene: dict, rng: random.Random, k: int, weights: dict | Non
     weights = follow_up_weights(**(weights or {}))
     chosen = []
     while len(chosen) < k:
-        kinds = [t for t, questions in pools.items() if questions and weights.get(t, 0.0) > 0]
+        kinds = [t for t, questions in pools.items() if questions and weights[t] > 0]
         if not kinds:
             break
         uniform = len({weights[t] for t in kinds}) == 1
