@@ -13,12 +13,15 @@ warm-up excluded, medians over `--repeats`:
   overhead       prefill time minus the uncompressed prefill time on the same input
 and the decode roofline: (LLM weight bytes + mean KV bytes read per step) / HBM bandwidth,
 the bandwidth measured in the same run with a large device-to-device copy.
+`--decode eager,graphs` measures each row both with transformers' eager decoding and with static
+decoding from a CUDA graph (`load(..., cuda_graphs=True)`; `none` then keeps every token in a `FullCache`).
 `--toy` runs the same code on the tiny CPU checkpoints of `vlmcompress.testing`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import shlex
@@ -38,6 +41,9 @@ from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 from vlmcompress.loading import default_attn_implementation  # noqa: E402
 from vlmcompress.models import MODEL_CLASSES  # noqa: E402
 from real_models import make_inputs  # noqa: E402
+
+
+DECODE_PATHS = ("eager", "graphs")
 
 
 def synchronize(device):
@@ -123,12 +129,12 @@ def profile_generate(generate, device, top: int, new_tokens: int) -> dict:
 
 
 def run_one(model, inputs, method: dict, budget, options: dict, new_tokens: int, repeats: int, device,
-            profile_top: int = 0) -> dict:
+            profile_top: int = 0, cuda_graphs: bool = False) -> dict:
     kv_budget = budget if method["kv"] else None
     prune_budget = (0.25 if method["kv"] else budget) if method["prune"] else None
     options = {k: v for k, v in options.items() if k in accepted_options(method["kv"], method["prune"])}
     model.compression = build_settings(kv=method["kv"], kv_budget=kv_budget, prune=method["prune"],
-                                       prune_budget=prune_budget, **options)
+                                       prune_budget=prune_budget, cuda_graphs=cuda_graphs, **options)
     generate = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
 
     def prefill():
@@ -200,6 +206,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="profile one more generate per row: kernel launches and the TOP operators, per token")
     parser.add_argument("--toy", default=None, help="a tiny checkpoint folder: run on the CPU at toy size")
+    parser.add_argument("--decode", default="eager",
+                        help="comma-separated decoding paths: eager (transformers' generate), graphs (cuda_graphs=True: "
+                             "static decoding replayed from a CUDA graph; not for h2o/streamingllm)")
     parser.add_argument("--attn", default=None,
                         help="attn_implementation, e.g. sdpa (transformers' own); default: vlmcompress.load's")
     args = parser.parse_args(argv)
@@ -229,17 +238,20 @@ def main(argv=None) -> list[dict]:
                     method = parse_method(spec)
                     budget_list = own_budget or args.budgets
                     budgets = [None] if spec == "none" else [float(b) if "." in b else int(b) for b in budget_list.split(",")]
-                    for budget in budgets:
-                        row = {"model": name, "input": kind, "batch": batch, "method": spec, "budget": budget}
+                    for budget, decode in itertools.product(budgets, args.decode.split(",")):
+                        row = {"model": name, "input": kind, "batch": batch, "method": spec, "budget": budget,
+                               "decode": decode}
                         try:
+                            if decode not in DECODE_PATHS:
+                                raise ValueError(f"unknown --decode {decode!r}; choose from {DECODE_PATHS}")
                             row.update(run_one(model, inputs, method, budget, options, args.new_tokens, args.repeats, device,
-                                               args.profile))
+                                               args.profile, cuda_graphs=decode == "graphs"))
                         except Exception as error:  # one failing configuration must not lose the others
                             row["error"] = f"{type(error).__name__}: {error}"
                             print(json.dumps(row), flush=True)
                             rows.append(row)
                             continue
-                        if spec == "none":
+                        if spec == "none" and baseline_prefill is None:
                             baseline_prefill = row["prefill_s"]
                         row["overhead_s"] = row["prefill_s"] - baseline_prefill if baseline_prefill else None
                         floor = decode_floor(model, row, args.new_tokens, bandwidth)

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ["model", "input", "batch", "method", "budget", "prompt", "visual→LLM", "prefill s", "TTFT s",
+COLUMNS = ["model", "input", "batch", "method", "decode", "budget", "prompt", "visual→LLM", "prefill s", "TTFT s",
            "prefill ×", "decode tok/s", "decode ×", "KV MB", "KV %", "peak GB", "overhead s", "step ÷ floor"]
 
 
@@ -32,10 +32,15 @@ def load(paths):
     return runs
 
 
+def decode_path(row) -> str:
+    return row.get("decode", "eager")  # runs before --decode existed decoded eagerly
+
+
 def baseline_of(rows, row):
+    """The uncompressed row of the same model, input, batch and decoding path."""
     for other in rows:
-        if other["method"] == "none" and (other["model"], other["input"], other["batch"]) == (
-            row["model"], row["input"], row["batch"]
+        if other["method"] == "none" and (other["model"], other["input"], other["batch"], decode_path(other)) == (
+            row["model"], row["input"], row["batch"], decode_path(row)
         ) and "error" not in other:
             return other
     return None
@@ -56,13 +61,14 @@ def table(runs) -> str:
         for row in rows:
             if "error" in row:
                 lines.append(f"| {row['model']} | {row['input']} | {row['batch']} | {row['method']} | "
-                             f"{fmt(row['budget'])} | error: {row['error'][:80]} |" + " |" * (len(COLUMNS) - 6))
+                             f"{decode_path(row)} | {fmt(row['budget'])} | error: {row['error'][:80]} |"
+                             + " |" * (len(COLUMNS) - 7))
                 continue
             base = baseline_of(rows, row)
             prefill_x = base["prefill_s"] / row["prefill_s"] if base else None
             decode_x = row["decode_tok_s"] / base["decode_tok_s"] if base else None
             kv_pct = 100 * row["kv_bytes"] / base["kv_bytes"] if base and row.get("kv_bytes") else None
-            cells = [row["model"], row["input"], row["batch"], row["method"], fmt(row["budget"]), row["prompt_tokens"],
+            cells = [row["model"], row["input"], row["batch"], row["method"], decode_path(row), fmt(row["budget"]), row["prompt_tokens"],
                      row.get("visual_tokens"), fmt(row["prefill_s"], 3), fmt(row["ttft_s"], 3), fmt(prefill_x),
                      fmt(row["decode_tok_s"], 1), fmt(decode_x), fmt(row["kv_bytes"] / 2**20 if row.get("kv_bytes") else None, 1),
                      fmt(kv_pct, 1), fmt(row.get("peak_gb")), fmt(row.get("overhead_s"), 3), fmt(row.get("roofline_ratio"), 1)]
@@ -81,7 +87,8 @@ def plot(runs, path: str, model="qwen2_vl_7b", batch=8):
     baseline = None
     for _, data in runs:
         for row in data["rows"]:
-            if "error" in row or row["model"] != model or row["batch"] != batch or row["input"] != "hires":
+            if ("error" in row or row["model"] != model or row["batch"] != batch or row["input"] != "hires"
+                    or decode_path(row) != "eager"):
                 continue
             if row["method"] == "none":
                 baseline = baseline or row

@@ -28,6 +28,22 @@ def test_benchmark_script_runs_at_toy_size(tiny_dirs, tmp_path):
     assert len(saved["rows"]) == 4
 
 
+def test_benchmark_measures_eager_and_static_decoding(tiny_dirs, tmp_path):
+    rows = bench.main([
+        "--toy", tiny_dirs["qwen2_vl"], "--models", "toy", "--methods", "none,snapkv,h2o", "--budgets", "0.25",
+        "--new-tokens", "4", "--repeats", "1", "--option", "window_size=4", "--decode", "eager,graphs,jit",
+        "--out", str(tmp_path),
+    ])
+    by_row = {(row["method"], row["decode"]): row for row in rows}
+    assert len(rows) == 9
+    for method in ("none", "snapkv"):
+        eager, graphs = by_row[method, "eager"], by_row[method, "graphs"]
+        assert graphs["decode_tok_s"] > 0 and graphs["kv_bytes"] == eager["kv_bytes"]
+        assert "unknown --decode 'jit'" in by_row[method, "jit"]["error"]
+    assert "decodes at fixed shapes" in by_row["h2o", "graphs"]["error"]  # refused, the other rows still run
+    assert "error" not in by_row["h2o", "eager"]
+
+
 def test_benchmark_profile_reports_operators_per_token(tiny_dirs, tmp_path):
     rows = bench.main([
         "--toy", tiny_dirs["qwen2_vl"], "--models", "toy", "--methods", "none,snapkv", "--budgets", "0.25",

@@ -52,10 +52,11 @@ class CompressionSettings:
     kv: KVSettings | None = None
     prune: PruneSettings | None = None
     sparsity: SparsitySettings | None = None
+    cuda_graphs: bool = False  # static decoding (vlmcompress.cache.static_decoding)
 
     def describe(self) -> dict:
         """A JSON-ready summary (method, budget, options per family)."""
-        out = {}
+        out = {"cuda_graphs": True} if self.cuda_graphs else {}
         if self.kv:
             out["kv"] = {"method": self.kv.method, "budget": self.kv.budget, **self.kv.options}
         if self.prune:
@@ -104,6 +105,7 @@ def build_settings(
     sparsity_ratio: float = 0.5,
     sparsity_pattern: str = "unstructured",
     calibration: Any = None,
+    cuda_graphs: bool = False,
     **method_options,
 ) -> CompressionSettings:
     """Validate `load()`'s compression arguments and route each option to the family that takes it."""
@@ -133,6 +135,12 @@ def build_settings(
         for family in takers:
             routed[family][option] = value
 
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and kv is not None and get_cache_class(kv).evicts_during_decoding:
+        static = sorted(name for name, cls in KV_METHODS.items() if not cls.evicts_during_decoding)
+        raise ValueError(f"cuda_graphs=True decodes at fixed shapes, but kv={kv!r} evicts while decoding: "
+                         f"choose one of {static} or kv=None, or leave cuda_graphs off")
     kv_settings = None
     if kv is not None:
         method = get_cache_class(kv).name
@@ -155,4 +163,4 @@ def build_settings(
 
         validate_sparsity_args(sparsity, sparsity_ratio, sparsity_pattern)
         sparsity_settings = SparsitySettings(sparsity, sparsity_ratio, sparsity_pattern, calibration, routed["sparsity"])
-    return CompressionSettings(kv_settings, prune_settings, sparsity_settings)
+    return CompressionSettings(kv_settings, prune_settings, sparsity_settings, cuda_graphs)

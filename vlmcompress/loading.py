@@ -13,10 +13,11 @@ from .grouped_sdpa import GROUPED_SDPA
 SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl")
 
 
-def default_attn_implementation() -> str | dict:
-    """flash-attention-2 where it is installed and a GPU is present; SDPA otherwise, the language model's
-    through `GROUPED_SDPA` (masked decoding without `repeat_kv`; otherwise transformers' SDPA)."""
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+def default_attn_implementation(static_decoding: bool = False) -> str | dict:
+    """flash-attention-2 where it is installed and a GPU is present (unless static decoding, whose masks it
+    cannot take); SDPA otherwise, the language model's through `GROUPED_SDPA` (masked decoding without
+    `repeat_kv`; otherwise transformers' SDPA)."""
+    if not static_decoding and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return {"text_config": GROUPED_SDPA}
 
@@ -34,6 +35,7 @@ def load(
     dtype="auto",
     device_map=None,
     attn_implementation: str | None = None,
+    cuda_graphs: bool = False,
     **method_options,
 ):
     """Load a supported LVLM with the chosen compression applied.
@@ -49,6 +51,11 @@ def load(
         dtype, device_map, attn_implementation: passed to `from_pretrained` (an explicit value is used as
             given); attention defaults to flash-attention-2 where installed (with a GPU) and SDPA otherwise,
             the language model's `vlmcompress_sdpa` (`vlmcompress.grouped_sdpa`).
+        cuda_graphs: static decoding (`vlmcompress.cache.static_decoding`): once the prompt is compressed,
+            each decoding step replays one CUDA graph instead of launching ~1300 kernels from Python.
+            Takes the methods that do not evict while decoding (snapkv, pyramidkv, vlcache) or kv=None
+            (then the cache keeps every token), and SDPA or eager attention. On the CPU the same static
+            steps run eagerly.
         **method_options: options of the chosen methods (e.g. window_size=32, kernel_size=5,
             sink_tokens=4); each goes to the method that takes it, unknown ones are an error.
 
@@ -63,7 +70,7 @@ def load(
     settings = build_settings(
         kv=kv, kv_budget=kv_budget, prune=prune, prune_budget=prune_budget, sparsity=sparsity,
         sparsity_ratio=sparsity_ratio, sparsity_pattern=sparsity_pattern, calibration=calibration,
-        **method_options,
+        cuda_graphs=cuda_graphs, **method_options,
     )
     from .models import MODEL_CLASSES
 
@@ -71,7 +78,7 @@ def load(
         pretrained,
         dtype=dtype,
         device_map=device_map,
-        attn_implementation=attn_implementation or default_attn_implementation(),
+        attn_implementation=attn_implementation or default_attn_implementation(static_decoding=cuda_graphs),
     ).eval()
     model.compression = settings
     if settings.sparsity is not None:

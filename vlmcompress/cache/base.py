@@ -121,8 +121,14 @@ class CompressedLayer(DynamicLayer):
         # room for the coming tokens (valid, mask 0), so a step takes views of them and launches no kernel.
         self._validity_room: torch.Tensor | None = None  # [b, h, room] bool; slot_valid is a prefix view
         self._mask_room: torch.Tensor | None = None  # [b, h, 1, room] additive form of _validity_room
+        # Static decoding (`make_static`): decoding step t writes slot `static_base + write_offset`, where
+        # `write_offset` is a device scalar holding t, so a step is the same kernels on the same buffers.
+        self.static_base = 0
+        self.write_offset: torch.Tensor | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.write_offset is not None:
+            return self._write_static(key_states, value_states)
         new = key_states.shape[-2]
         if self.free_slot is not None and new == 1:
             return self._write_in_place(key_states, value_states)
@@ -150,6 +156,35 @@ class CompressedLayer(DynamicLayer):
         self.free_slot = None
         self.seen_tokens += 1
         return self.keys, self.values
+
+    def make_static(self, filled: int, room: int, write_offset: torch.Tensor) -> None:
+        """Keep the first `filled` slots and preallocate `room` more, invalid until written: decoding then
+        writes in place at `static_base + write_offset` (a device scalar) and never changes a shape."""
+        b, h, _, d = self.keys.shape
+        valid = self.slot_valid[..., :filled] if self.slot_valid is not None else self.keys.new_ones(
+            b, h, filled, dtype=torch.bool)
+        self.keys = torch.cat([self.keys[:, :, :filled], self.keys.new_zeros(b, h, room, d)], dim=2)
+        self.values = torch.cat([self.values[:, :, :filled], self.values.new_zeros(b, h, room, d)], dim=2)
+        self.slot_valid = torch.cat([valid, valid.new_zeros(b, h, room)], dim=-1)
+        self._validity_room = self._mask_room = None
+        self.static_base, self.write_offset = filled, write_offset
+
+    def static_slot(self) -> torch.Tensor:
+        """`[1]`: the slot the current static decoding step writes."""
+        return self.write_offset + self.static_base
+
+    def _write_static(self, key_states, value_states):
+        slot = self.static_slot()
+        self.keys.index_copy_(2, slot, key_states)
+        self.values.index_copy_(2, slot, value_states)
+        return self.keys, self.values
+
+    def static_decode_mask(self, dtype: torch.dtype, groups: int) -> torch.Tensor:
+        """`[b, h * groups, 1, slots]` additive mask of the static buffers: 0 on filled slots (the step's own
+        included, marked valid before the step), the dtype's minimum on padding and unfilled room."""
+        mask = torch.zeros(self.slot_valid[:, :, None].shape, dtype=dtype, device=self.slot_valid.device)
+        mask.masked_fill_(~self.slot_valid[:, :, None], torch.finfo(dtype).min)
+        return mask if groups == 1 else mask.repeat_interleave(groups, dim=1)
 
     def validity_with_room(self, new: int) -> torch.Tensor:
         """The buffer whose prefix is `slot_valid`, followed by at least `new` valid slots. Reallocated (and
@@ -211,6 +246,8 @@ class CompressedLayer(DynamicLayer):
         raise NotImplementedError("a compressed KV cache cannot be cropped (assisted decoding is not supported)")
 
     def _select_batch(self, index: torch.Tensor) -> None:
+        if self.write_offset is not None:
+            raise NotImplementedError("a statically decoding cache cannot change its batch (beam search)")
         for name in ("positions", "slot_valid", "scores", "capacity", "kept_indices", "free_slot"):
             tensor = getattr(self, name)
             if tensor is not None:
@@ -409,16 +446,33 @@ class CompressedCache(DynamicCache):
         self._visual_ids = visual_token_ids(model.config)
         ref = weakref.ref(self)
         post = self._handles if self.evicts_during_decoding else self._prefill_handles
+        self._register_mask_hooks(decoder)
         for decoder_layer in decoder.layers:
-            attention = decoder_layer.self_attn
-            self._mask_handles.append(
-                attention.register_forward_pre_hook(partial(_attention_pre_hook, ref), with_kwargs=True)
-            )
-            post.append(attention.register_forward_hook(partial(_attention_post_hook, ref), with_kwargs=True))
+            post.append(decoder_layer.self_attn.register_forward_hook(partial(_attention_post_hook, ref), with_kwargs=True))
         embeddings = model.get_input_embeddings()
         self._prefill_handles.append(embeddings.register_forward_pre_hook(partial(_embedding_pre_hook, ref)))
         self._attached_to = weakref.ref(model)
         return self
+
+    def _register_mask_hooks(self, decoder: torch.nn.Module) -> None:
+        ref = weakref.ref(self)
+        for decoder_layer in decoder.layers:
+            self._mask_handles.append(
+                decoder_layer.self_attn.register_forward_pre_hook(partial(_attention_pre_hook, ref), with_kwargs=True)
+            )
+
+    def make_static(self, room: int, write_offset: torch.Tensor, steps_written: int = 0) -> None:
+        """Give every compressed layer `room` preallocated slots for decoding (`CompressedLayer.make_static`);
+        a cache already static keeps the `steps_written` tokens it wrote since. The unfilled room is masked
+        at every step, so the mask hooks come back."""
+        if self.evicts_during_decoding:
+            raise ValueError(f"{self.name} evicts while decoding, so its shapes are not static: "
+                             "static decoding (cuda_graphs=True) takes the prefill-only methods")
+        for layer in self.layers:
+            filled = layer.static_base + steps_written if layer.write_offset is not None else layer.held_tokens
+            layer.make_static(filled, room, write_offset)
+        if not self._mask_handles:
+            self._register_mask_hooks(language_model_of(self._attached_to()))
 
     def detach(self) -> None:
         for handles in (self._handles, self._prefill_handles, self._mask_handles):
@@ -575,6 +629,13 @@ class CompressedCache(DynamicCache):
         if valid is None and query_length == 1:
             return None
         implementation = getattr(module.config, "_attn_implementation", "sdpa") or "sdpa"
+        if layer.write_offset is not None:
+            if "flash" in implementation:
+                raise NotImplementedError(
+                    f"static decoding (cuda_graphs=True) masks the cache's unfilled room, which {implementation} "
+                    f"cannot take: load with attn_implementation={GROUPED_SDPA!r} or 'sdpa'")
+            groups = 1 if implementation == GROUPED_SDPA else getattr(module, "num_key_value_groups", 1)
+            return layer.static_decode_mask(dtype, groups)
         if query_length == 1 and implementation == GROUPED_SDPA:
             return layer.additive_decode_mask(dtype)
         batch, kv_heads, held = layer.keys.shape[:3]

@@ -8,7 +8,9 @@ import torch
 from transformers import DynamicCache
 
 from ..cache import CompressedCache
-from ..cache.base import cache_argument, passed_cache, visual_token_ids
+from ..cache.base import cache_argument, language_model_of, passed_cache, visual_token_ids
+from ..cache.full import FullCache
+from ..cache.static_decoding import ROOM, StaticDecoding
 from ..config import CompressionSettings
 
 
@@ -36,9 +38,10 @@ class CompressionMixin:
         return False
 
     def make_cache(self):
-        """A fresh cache for one `generate` call: the configured eviction cache, or a plain DynamicCache."""
+        """A fresh cache for one `generate` call: the configured eviction cache; without one, a plain
+        DynamicCache, or under static decoding a `FullCache` (every token kept, preallocated room)."""
         if self.compression.kv is None:
-            return DynamicCache(config=self.config)
+            return FullCache().attach(self) if self.compression.cuda_graphs else DynamicCache(config=self.config)
         return self.compression.kv.make_cache().attach(self)
 
     def generate(self, *args, **kwargs):
@@ -48,8 +51,18 @@ class CompressionMixin:
         elif isinstance(cache, CompressedCache):
             cache.attach(self)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        static = None
+        if self.compression.cuda_graphs and isinstance(cache, CompressedCache):
+            # Compression point: decoding. The language model's decoding steps run at fixed shapes, from a CUDA graph.
+            config = kwargs.get("generation_config") or self.generation_config
+            room = kwargs.get("max_new_tokens") or config.max_new_tokens or ROOM
+            static = StaticDecoding(cache, language_model_of(self), room=room).install()
         started = time.perf_counter()
-        output = super().generate(*args, **kwargs)
+        try:
+            output = super().generate(*args, **kwargs)
+        finally:
+            if static is not None:
+                static.close()
         self.compression_stats = self._compression_stats(cache, input_ids, output, time.perf_counter() - started)
         return output
 

@@ -1,0 +1,22 @@
+"""The uncompressed baseline in the eviction caches' machinery: every prompt token is kept.
+
+Not a compression method (it is not in `KV_METHODS`): it exists so that static decoding
+(`load(..., cuda_graphs=True)` without `kv=`) has a cache to preallocate, and so the uncompressed
+model is measured with the same decoding path as the compressed ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import CompressedCache, PromptContext
+
+
+class FullCache(CompressedCache):
+    name = "full"
+
+    def __init__(self):
+        super().__init__(1.0)
+
+    def score(self, ctx: PromptContext) -> torch.Tensor:
+        return torch.zeros(ctx.keys.shape[:3], dtype=torch.float64, device=ctx.keys.device)

@@ -1,0 +1,139 @@
+"""Static decoding: once the prompt is compressed, each decoding step runs at fixed shapes, from a CUDA graph.
+
+Eager `generate` is launch-bound while decoding: a 28-layer model makes about 1300 kernel launches per
+step, some 15 µs of CPU each, so a step costs 25-35 ms whatever the cache holds, and a cache 10x smaller
+cannot show (docs/benchmarks.md). Nothing in a step needs the host once the prompt is compressed:
+
+- every layer gets preallocated room for the coming tokens (`CompressedCache.make_static`); step t writes
+  its key and value at slot `static_base + t`, with t held in a device scalar, and marks the slot valid;
+- the attention masks the layer's padding and unfilled room (`CompressedLayer.static_decode_mask`);
+- the language model's per-step inputs (embeddings, positions) are copied into fixed buffers.
+
+So a step is the same kernels on the same buffers every time. On CUDA the first step runs eagerly and
+is captured as a graph; each later step is two small copies and one replay. On the CPU the same static
+step runs eagerly, which is what the tests compare with eager decoding. When the room runs out (more
+new tokens than `room`), the layers get more and the step is captured again.
+
+Only caches that do not evict while decoding have static shapes (SnapKV, PyramidKV, VL-Cache, and
+`FullCache` for the uncompressed baseline); flash-attention cannot take the mask, SDPA and eager can.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .base import CompressedCache, passed_cache
+
+ROOM = 256  # decoding steps one static allocation serves when generate's max_new_tokens is unknown
+
+
+class StaticDecoding:
+    """Runs `language_model`'s decoding calls with `cache` statically (see the module docstring).
+
+    Installed as the instance's `forward` for one `generate` (`install` / `close`); every other call
+    (the prompt, a different cache, several new tokens at once) goes to the upstream forward unchanged.
+    """
+
+    def __init__(self, cache: CompressedCache, language_model: torch.nn.Module, room: int = ROOM,
+                 use_graphs: bool | None = None):
+        if room < 1:
+            raise ValueError(f"room must be >= 1 decoding step, got {room}")
+        self.cache, self.language_model, self.room = cache, language_model, room
+        self.upstream_forward = type(language_model).forward.__get__(language_model)
+        self.takes_cache_position = "cache_position" in inspect.signature(self.upstream_forward).parameters
+        self.use_graphs = use_graphs
+        self.write_offset: torch.Tensor | None = None  # device scalar: the step within the current room
+        self.steps_written = 0
+        self.inputs: dict[str, torch.Tensor] = {}  # the step's tensor inputs, fixed buffers under a graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_output = None
+        self.captures = 0
+
+    def install(self) -> "StaticDecoding":
+        self.language_model.forward = self
+        return self
+
+    def close(self) -> None:
+        vars(self.language_model).pop("forward", None)
+        self.graph = self.graph_output = None
+        self.inputs = {}
+
+    def __call__(self, *args, **kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        new = (embeds if embeds is not None else kwargs.get("input_ids"))
+        decoding = (not args and passed_cache(kwargs) is self.cache and new is not None and new.shape[1] == 1
+                    and self.cache.layers and all(layer.compressed for layer in self.cache.layers))
+        if not decoding:
+            return self.upstream_forward(*args, **kwargs)
+        return self.decode_step(kwargs)
+
+    # ----- one step --------------------------------------------------------------------------------
+    def decode_step(self, kwargs: dict):
+        if self.write_offset is None or self.steps_written == self.room:
+            self._make_room(kwargs)
+        tensors, constants = self._split_inputs(kwargs)
+        shapes_changed = {k: (v.shape, v.dtype) for k, v in tensors.items()} != {
+            k: (v.shape, v.dtype) for k, v in self.inputs.items()}
+        self.write_offset.fill_(self.steps_written)
+        if self.graph is not None and not shapes_changed:
+            for name, tensor in tensors.items():
+                self.inputs[name].copy_(tensor)
+            self.graph.replay()
+            output = self.graph_output
+        else:
+            self.inputs = {name: tensor.clone() for name, tensor in tensors.items()}
+            output = self._run(constants)
+        self.steps_written += 1
+        for layer in self.cache.layers:
+            layer.seen_tokens += 1  # what the model's positions come from; the static writes leave it alone
+        return output
+
+    def _make_room(self, kwargs: dict) -> None:
+        device = self.cache.layers[0].keys.device
+        if self.write_offset is None:
+            self.write_offset = torch.zeros(1, dtype=torch.long, device=device)
+        self.cache.make_static(self.room, self.write_offset, self.steps_written)
+        self.steps_written = 0
+        self.graph = self.graph_output = None  # its buffers are gone: capture the next step again
+
+    def _split_inputs(self, kwargs: dict) -> tuple[dict, dict]:
+        """The step's tensors (copied into fixed buffers) and the rest (constant across steps). Positions
+        the model would derive from the cache's host-side length are computed here, outside the graph."""
+        seen = self.cache.get_seq_length()
+        kwargs = dict(kwargs)
+        device = self.cache.layers[0].keys.device
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = torch.full((1, 1), seen, dtype=torch.long, device=device)
+        if self.takes_cache_position and kwargs.get("cache_position") is None:
+            kwargs["cache_position"] = torch.full((1,), seen, dtype=torch.long, device=device)
+        # The model-level mask is not needed: every attention layer gets the cache's static mask.
+        layer_types = set(getattr(self.language_model.config, "layer_types", None) or ["full_attention"])
+        kwargs["attention_mask"] = {kind: None for kind in layer_types}
+        tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        constants = {k: v for k, v in kwargs.items() if k not in tensors}
+        return tensors, constants
+
+    def _step(self, constants: dict):
+        for layer in self.cache.layers:  # the new token attends to itself
+            layer.slot_valid.index_fill_(-1, layer.static_slot(), True)
+        return self.upstream_forward(**constants, **self.inputs)
+
+    def _run(self, constants: dict):
+        """This step, eagerly; on CUDA (unless `use_graphs=False`) also captured for the steps after it."""
+        device = self.write_offset.device
+        graphs = device.type == "cuda" if self.use_graphs is None else self.use_graphs
+        if not graphs:
+            return self._step(constants)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # the eager run before a capture, as CUDA graphs need
+            output = self._step(constants)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the same step; nothing runs
+            self.graph_output = self._step(constants)
+        self.graph = graph
+        self.captures += 1
+        return output
