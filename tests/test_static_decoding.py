@@ -120,6 +120,4 @@ def test_cuda_graph_replays_equal_the_same_static_steps_run_eagerly(tiny_dirs, p
     assert runners[-1].captures == 1
     monkeypatch.setattr(StaticDecoding, "_run", lambda self, constants: self._step(constants))  # no graph
     eager = greedy(model, inputs)
-    assert torch.equal(graphed.sequences, eager.sequences)
-    for a, b in zip(graphed.scores, eager.scores):
-        assert torch.equal(a, b)
+    assert_same_decoding(graphed, eager)  # cuBLAS may pick other kernels under capture: equal to rounding

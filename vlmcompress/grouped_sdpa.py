@@ -52,7 +52,8 @@ def grouped_sdpa_attention_forward(module, query, key, value, attention_mask, dr
         query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim), key, value, attn_mask=mask,
         dropout_p=dropout, scale=scaling,
     )
-    return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
+    # reshape: some kernels return a strided output that cannot be viewed
+    return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention_forward)
