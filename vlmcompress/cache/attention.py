@@ -69,19 +69,23 @@ def attention_chunks(
     query_slots: torch.Tensor,
     key_valid: torch.Tensor | None = None,
     max_elements: int = 1 << 26,
+    query_valid: torch.Tensor | None = None,
 ):
     """Yield `(rows, probs)`: softmax attention of chunks of `queries` over `keys`, in float32.
 
     queries `[b, H, q, d]`; keys `[b, h, n, d]` with `H = h * groups`; query_slots `[q]` is each
     query's own slot among the keys (causal: it sees slots <= its own); key_valid `[b, n]` or
-    `[b, h, n]`, False for padding. `probs` is `[b, h, groups, rows, n]`; chunks hold at most
-    `max_elements` scores, so a long prompt never materialises its whole attention matrix.
+    `[b, h, n]`, False for padding; query_valid `[b, q]`, False for a query that is not to count: its
+    row sees no key, so its probabilities are all 0. `probs` is `[b, h, groups, rows, n]`; chunks hold at
+    most `max_elements` scores, so a long prompt never materialises its whole attention matrix.
     """
     b, num_heads, q_len, dim = queries.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
     groups = num_heads // kv_heads
-    q = queries.float().view(b, kv_heads, groups, q_len, dim)
-    k = keys.float()
+    # Scaled before the product (q is small), keys transposed as a view: no pass over the scores is spent
+    # on scaling, and none on copying K into another layout.
+    q = (queries.float() * scaling).view(b, kv_heads, groups, q_len, dim)
+    k_t = keys.float().transpose(-1, -2)
     slots = torch.arange(n, device=keys.device)
     valid = None
     if key_valid is not None:
@@ -89,12 +93,15 @@ def attention_chunks(
     step = max(1, max_elements // max(1, b * num_heads * n))
     for start in range(0, q_len, step):
         rows = slice(start, min(q_len, start + step))
-        logits = torch.einsum("bhgqd,bhnd->bhgqn", q[:, :, :, rows], k) * scaling
+        count = rows.stop - rows.start
+        logits = torch.matmul(q[:, :, :, rows].reshape(b, kv_heads, groups * count, dim), k_t)
         allowed = (slots[None, :] <= query_slots[rows, None])[None, None, None]
         if valid is not None:
             allowed = allowed & valid[:, :, None, None, :]
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        yield rows, torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        if query_valid is not None:
+            allowed = allowed & query_valid[:, None, None, rows, None].to(keys.device)
+        logits = logits.view(b, kv_heads, groups, count, n).masked_fill_(~allowed, float("-inf"))
+        yield rows, torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
 
 def received_attention(probs: torch.Tensor) -> torch.Tensor:

@@ -306,8 +306,10 @@ class PromptContext:
         return accumulated_attention(self.queries(last), self.keys, self.module.scaling, self.query_slots(last),
                                      self.key_valid)
 
-    def attention_chunks(self, last: int):
-        return attention_chunks(self.queries(last), self.keys, self.module.scaling, self.query_slots(last), self.key_valid)
+    def attention_chunks(self, last: int, query_valid: torch.Tensor | None = None):
+        """`attention.attention_chunks` of the last `last` queries; `query_valid` `[b, last]` leaves some out."""
+        return attention_chunks(self.queries(last), self.keys, self.module.scaling, self.query_slots(last),
+                                self.key_valid, query_valid=query_valid)
 
 
 @dataclass

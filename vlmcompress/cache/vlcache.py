@@ -50,18 +50,27 @@ class VLCacheCache(CompressedCache):
         the attention serves both."""
         post = self.post_vision_queries(ctx)
         last = int((ctx.length - post.float().argmax(dim=-1)).max())  # longest post-vision span
-        weight = post[:, -last:].float()
-        scores, dense, visible = None, 0.0, 0.0
-        for rows, probs in ctx.attention_chunks(last):
-            w = weight[:, None, None, rows, None]
-            part = received_attention(probs * w)
+        post = post[:, -last:]
+        scores, dense = None, 0
+        # A sample's earlier rows (shorter post-vision span) see no key, so they add nothing to any sum below.
+        for _, probs in ctx.attention_chunks(last, query_valid=post):
+            part = received_attention(probs)
             scores = part if scores is None else scores + part
-            seen = probs > 0
-            kept = (probs >= self.threshold * probs.amax(dim=-1, keepdim=True)) & seen
-            dense = dense + (kept * w).sum(dim=(1, 2, 3, 4)).double()
-            visible = visible + (seen * w).sum(dim=(1, 2, 3, 4)).double()
-        ctx.density = dense / visible.clamp(min=1)
+            row_max = probs.amax(dim=-1)  # [b, h, groups, rows]; 0 only on a row that sees no key
+            kept = (probs >= self.threshold * row_max[..., None]).sum(dim=-1) * (row_max > 0)
+            dense = dense + kept.sum(dim=(1, 2, 3))  # integer counts: exact
+        heads = probs.shape[1] * probs.shape[2]
+        ctx.density = dense.double() / (self.visible_keys(ctx, post) * heads).clamp(min=1)
         return scores
+
+    @staticmethod
+    def visible_keys(ctx: PromptContext, post: torch.Tensor) -> torch.Tensor:
+        """`[b]` (float64): keys seen by the post-vision rows `post` `[b, last]` (the last `last` prompt
+        positions), summed over the rows: each row sees the real keys up to its own position."""
+        key_valid = ctx.key_valid if ctx.key_valid is not None else torch.ones(
+            ctx.keys.shape[0], ctx.length, dtype=torch.bool, device=ctx.keys.device)
+        seen_up_to = key_valid.long().cumsum(dim=-1)[:, -post.shape[-1]:]  # [b, last]
+        return (seen_up_to * post).sum(dim=-1).double()
 
     def allocate_all_layers(self, contexts: list[PromptContext]) -> list[torch.Tensor]:
         first = contexts[0]
