@@ -108,9 +108,9 @@ class StaticDecoding:
             kwargs["position_ids"] = torch.full((1, 1), seen, dtype=torch.long, device=device)
         if self.takes_cache_position and kwargs.get("cache_position") is None:
             kwargs["cache_position"] = torch.full((1,), seen, dtype=torch.long, device=device)
-        # The model-level mask is not needed: every attention layer gets the cache's static mask.
-        layer_types = set(getattr(self.language_model.config, "layer_types", None) or ["full_attention"])
-        kwargs["attention_mask"] = {kind: None for kind in layer_types}
+        # Every attention layer gets the cache's static mask; without a padding mask the model builds none
+        # for one new token (SDPA) and reads no mask values on the host, which a capture forbids.
+        kwargs["attention_mask"] = None
         tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         constants = {k: v for k, v in kwargs.items() if k not in tensors}
         return tensors, constants
