@@ -83,26 +83,37 @@ def plot(runs, path: str, model="qwen2_vl_7b", batch=8):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    series: dict[str, list] = {}
-    baseline = None
+    # Decode speed as a ratio to the uncompressed row of the same run and decoding path: runs on the same
+    # machine spread by +-15 % in absolute tokens/s, the ratio within a run does not carry that spread.
+    series: dict[tuple, dict] = {}  # (method, decoding path) -> {budget: (row, its run's baseline)}
+    baseline_kv = None
     for _, data in runs:
         for row in data["rows"]:
             if ("error" in row or row["model"] != model or row["batch"] != batch or row["input"] != "hires"
-                    or decode_path(row) != "eager"):
+                    or row["budget"] is None or "+" in row["method"]):
                 continue
-            if row["method"] == "none":
-                baseline = baseline or row
-            elif row["budget"] is not None and "+" not in row["method"]:
-                series.setdefault(row["method"], []).append(row)
-    for method, rows in sorted(series.items()):
-        rows = sorted({r["budget"]: r for r in rows}.values(), key=lambda r: r["budget"])
-        budgets = [r["budget"] for r in rows]
-        left.plot(budgets, [r["decode_tok_s"] for r in rows], marker="o", label=method)
-        right.plot(budgets, [r["kv_bytes"] / 2**20 for r in rows], marker="o", label=method)
-    if baseline:
-        left.axhline(baseline["decode_tok_s"], color="black", linestyle="--", label="uncompressed")
-        right.axhline(baseline["kv_bytes"] / 2**20, color="black", linestyle="--", label="uncompressed")
-    for axis, label in ((left, "decode tokens/s"), (right, "KV cache after prefill (MiB)")):
+            base = baseline_of(data["rows"], row)
+            if base is None:
+                continue
+            baseline_kv = base["kv_bytes"]
+            points = series.setdefault((row["method"], decode_path(row)), {})
+            earlier = points.get(row["budget"])
+            if earlier is None or "decode" in row or "decode" not in earlier[0]:
+                points[row["budget"]] = (row, base)  # runs that record their decoding path are the newer ones
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(sorted({m for m, _ in series}))}
+    for (method, decoding), by_budget in sorted(series.items()):
+        budgets = sorted(by_budget)
+        pairs = [by_budget[b] for b in budgets]
+        label = method + (" (CUDA graphs)" if decoding == "graphs" else "")
+        left.plot(budgets, [row["decode_tok_s"] / base["decode_tok_s"] for row, base in pairs],
+                  "-" if decoding == "graphs" else "--", marker="o", color=colors[method], label=label)
+        if decoding == "eager":
+            right.plot(budgets, [row["kv_bytes"] / 2**20 for row, _ in pairs], marker="o", color=colors[method],
+                       label=label)
+    left.axhline(1.0, color="black", linestyle=":", label="uncompressed, same decoding")
+    if baseline_kv:
+        right.axhline(baseline_kv / 2**20, color="black", linestyle="--", label="uncompressed")
+    for axis, label in ((left, "decode speed ÷ uncompressed (same run)"), (right, "KV cache after prefill (MiB)")):
         axis.set_xscale("log")
         axis.set_xlabel("budget (share of prompt tokens kept)")
         axis.set_ylabel(label)

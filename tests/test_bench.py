@@ -4,6 +4,9 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import bench  # noqa: E402
@@ -72,6 +75,21 @@ def test_report_reads_every_bench_run_and_skips_other_result_files(tmp_path, cap
     assert report.table(runs).count("| m | hires |") == 3
 
 
+def test_report_plot_draws_both_decoding_paths_against_their_own_baseline(tmp_path):
+    import report
+
+    def row(method, decode, budget, tok_s, kv):
+        return {"model": "qwen2_vl_7b", "input": "hires", "batch": 8, "method": method, "budget": budget,
+                "decode": decode, "decode_tok_s": tok_s, "kv_bytes": kv}
+
+    rows = [row("none", "eager", None, 400.0, 1000), row("snapkv", "eager", 0.1, 420.0, 100),
+            row("none", "graphs", None, 700.0, 1000), row("snapkv", "graphs", 0.1, 840.0, 100)]
+    target = tmp_path / "plot.png"
+    report.plot([("run.json", {"command": "x", "rows": rows})], str(target))
+    assert target.read_bytes().startswith(b"\x89PNG")
+    assert [report.baseline_of(rows, r)["decode_tok_s"] for r in rows[1::2]] == [400.0, 700.0]
+
+
 def test_multi_gpu_script_runs_at_toy_size_with_two_cpu_ranks(tmp_path):
     import multi_gpu
 
@@ -84,3 +102,11 @@ def test_multi_gpu_script_runs_at_toy_size_with_two_cpu_ranks(tmp_path):
     assert split["same_tokens"] and len(split["runs"]["device_map_auto"]["tokens"]) >= 1
     assert split["runs"]["one_device"]["kv_bytes"] == split["runs"]["device_map_auto"]["kv_bytes"] > 0
     assert json.loads((tmp_path / "multi_gpu.json").read_text())["command"].startswith("python bench/multi_gpu.py")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs instead of refusing")
+def test_decode_attention_timer_needs_a_gpu_and_says_so():
+    import decode_attention
+
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        decode_attention.main([])
