@@ -70,6 +70,17 @@ def test_static_decoding_equals_eager_decoding(tiny_dirs, processors, static_ste
     assert "forward" not in vars(language_model)  # the upstream forward is back after generate
 
 
+@pytest.mark.parametrize("prune", ["fastv", "visionzip"])
+def test_static_decoding_composes_with_token_pruning(tiny_dirs, processors, static_steps, prune):
+    arch = "qwen2_vl"
+    inputs = image_inputs(processors[arch], QUESTIONS)
+    options = dict(prune=prune, prune_budget=0.5)
+    eager = greedy(load(tiny_dirs[arch], "snapkv", **options), inputs)
+    static = greedy(load(tiny_dirs[arch], "snapkv", cuda_graphs=True, **options), inputs)
+    assert_same_decoding(static, eager)
+    assert len(static_steps) == NEW_TOKENS - 1
+
+
 def test_room_grows_when_it_runs_out(tiny_dirs, processors, static_steps):
     arch = "qwen2_vl"
     inputs = image_inputs(processors[arch], QUESTIONS)
