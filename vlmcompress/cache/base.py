@@ -450,7 +450,8 @@ class CompressedCache(DynamicCache):
         post = self._handles if self.evicts_during_decoding else self._prefill_handles
         self._register_mask_hooks(decoder)
         for decoder_layer in decoder.layers:
-            post.append(decoder_layer.self_attn.register_forward_hook(partial(_attention_post_hook, ref), with_kwargs=True))
+            hook = partial(_attention_post_hook, ref)
+            post.append(decoder_layer.self_attn.register_forward_hook(hook, with_kwargs=True))
         embeddings = model.get_input_embeddings()
         self._prefill_handles.append(embeddings.register_forward_pre_hook(partial(_embedding_pre_hook, ref)))
         self._attached_to = weakref.ref(model)

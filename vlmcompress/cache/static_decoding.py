@@ -1,7 +1,7 @@
 """Static decoding: once the prompt is compressed, each decoding step runs at fixed shapes, from a CUDA graph.
 
 Eager `generate` is launch-bound while decoding: a 28-layer model makes about 1300 kernel launches per
-step, some 15 µs of CPU each, so a step costs 25-35 ms whatever the cache holds, and a cache 10x smaller
+step, some 15 µs of CPU each, so a step costs 20-35 ms whatever the cache holds, and a cache 10x smaller
 cannot show (docs/benchmarks.md). Nothing in a step needs the host once the prompt is compressed:
 
 - every layer gets preallocated room for the coming tokens (`CompressedCache.make_static`); step t writes
@@ -10,7 +10,7 @@ cannot show (docs/benchmarks.md). Nothing in a step needs the host once the prom
 - the language model's per-step inputs (embeddings, positions) are copied into fixed buffers.
 
 So a step is the same kernels on the same buffers every time. On CUDA the first step runs eagerly and
-is captured as a graph; each later step is two small copies and one replay. On the CPU the same static
+is captured as a graph; each later step is a few small copies into its input buffers and one replay. On the CPU the same static
 step runs eagerly, which is what the tests compare with eager decoding. When the room runs out (more
 new tokens than `room`), the layers get more and the step is captured again.
 
@@ -72,7 +72,7 @@ class StaticDecoding:
     # ----- one step --------------------------------------------------------------------------------
     def decode_step(self, kwargs: dict):
         if self.write_offset is None or self.steps_written == self.room:
-            self._make_room(kwargs)
+            self._make_room()
         tensors, constants = self._split_inputs(kwargs)
         shapes_changed = {k: (v.shape, v.dtype) for k, v in tensors.items()} != {
             k: (v.shape, v.dtype) for k, v in self.inputs.items()}
@@ -90,7 +90,7 @@ class StaticDecoding:
             layer.seen_tokens += 1  # what the model's positions come from; the static writes leave it alone
         return output
 
-    def _make_room(self, kwargs: dict) -> None:
+    def _make_room(self) -> None:
         device = self.cache.layers[0].keys.device
         if self.write_offset is None:
             self.write_offset = torch.zeros(1, dtype=torch.long, device=device)
