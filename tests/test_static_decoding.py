@@ -102,6 +102,20 @@ def test_room_grows_when_it_runs_out(tiny_dirs, processors, static_steps):
         assert torch.equal(static_count, eager_count)
 
 
+def test_a_cache_keeping_every_token_is_not_copied(tiny_dirs, processors, monkeypatch):
+    """FullCache (and any budget covering the prompt) keeps each layer's prefill tensors as they are."""
+    from vlmcompress.cache import CompressedLayer
+
+    gathers = []
+    keep = CompressedLayer.keep
+    monkeypatch.setattr(CompressedLayer, "keep", lambda self, slots: (gathers.append(slots.shape), keep(self, slots)))
+    inputs = image_inputs(processors["qwen2_vl"], QUESTIONS)
+    greedy(load(tiny_dirs["qwen2_vl"], None, cuda_graphs=True), inputs)
+    assert gathers == []
+    greedy(load(tiny_dirs["qwen2_vl"], "snapkv"), inputs)
+    assert len(gathers) > 0
+
+
 def test_decode_time_methods_and_bad_values_are_refused(tiny_dirs):
     path = tiny_dirs["qwen2_vl"]
     for method in ("h2o", "streamingllm"):

@@ -574,7 +574,10 @@ class CompressedCache(DynamicCache):
         layer.positions = torch.arange(ctx.length, device=slots.device).expand_as(scores)
         layer.slot_valid = None
         layer.scores = self._initial_decode_scores(ctx, scores)
-        layer.keep(slots)
+        if width < ctx.length:
+            layer.keep(slots)
+        else:  # every slot is kept (slots are 0..n-1): gathering would copy the whole cache for nothing
+            layer.positions = layer.positions.contiguous()  # decode-time eviction writes into it
         layer.slot_valid = None if bool(valid.all()) else valid
         layer.kept_indices = slots
         layer.compressed = True
