@@ -396,6 +396,7 @@ class CompressedCache(DynamicCache):
         self._mask_handles: list = []
         self._attached_to = None
         self.prefill_nbytes: int | None = None  # bytes held right after the prompt was compressed
+        self.static_decoding = None  # the StaticDecoding driving this cache's decoding steps, during its generate
         discovery = torch.nn.modules.module.register_module_forward_pre_hook(partial(_discover, weakref.ref(self)))
         self._handles.append(discovery)
         for handles in (self._handles, self._prefill_handles, self._mask_handles):
@@ -476,6 +477,20 @@ class CompressedCache(DynamicCache):
             layer.make_static(filled, room, write_offset)
         if not self._mask_handles:
             self._register_mask_hooks(language_model_of(self._attached_to()))
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can undo decoding steps: only static decoding without decode-time eviction can."""
+        return self.static_decoding is not None and not self.evicts_during_decoding
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Undo the last `-tokens_to_remove` decoding steps (a no-op for 0, which transformers' deferred stop
+        check asks every step); only under static decoding (`StaticDecoding.undo_steps`)."""
+        if tokens_to_remove == 0:
+            return
+        if tokens_to_remove > 0 or not self.is_croppable:
+            raise NotImplementedError("a compressed KV cache cannot be cropped (assisted decoding is not supported)")
+        self.static_decoding.undo_steps(-tokens_to_remove)
 
     def detach(self) -> None:
         for handles in (self._handles, self._prefill_handles, self._mask_handles):

@@ -20,13 +20,17 @@ Only caches that do not evict while decoding have static shapes (SnapKV, Pyramid
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
+import transformers.generation.utils as generation_utils
 
 from .base import CompressedCache, passed_cache
 
 ROOM = 256  # decoding steps one static allocation serves when generate's max_new_tokens is unknown
+DEFER_STOP_CHECK = True  # read generate's "all finished" flag one step late (deferred_stop_check)
+DEFERRED_DEVICES = ("cuda",)  # where transformers' DeferredStopCheck works: it records device events
 
 
 class StaticDecoding:
@@ -53,12 +57,26 @@ class StaticDecoding:
 
     def install(self) -> "StaticDecoding":
         self.language_model.forward = self
+        self.cache.static_decoding = self
         return self
 
     def close(self) -> None:
         vars(self.language_model).pop("forward", None)
+        self.cache.static_decoding = None
         self.graph = self.graph_output = None
         self.inputs = {}
+
+    def undo_steps(self, steps: int) -> None:
+        """Forget the last `steps` decoding steps: their slots are masked again and the positions go back.
+        `generate`'s deferred stop check runs one step past the end and undoes it (`CompressedCache.crop`)."""
+        if not 0 <= steps <= self.steps_written:
+            raise NotImplementedError(f"static decoding can undo at most the {self.steps_written} steps written "
+                                      f"since its room was last made, not {steps}")
+        self.steps_written -= steps
+        for layer in self.cache.layers:
+            start = layer.static_base + self.steps_written
+            layer.slot_valid[..., start: start + steps] = False
+            layer.seen_tokens -= steps
 
     def __call__(self, *args, **kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -137,3 +155,33 @@ class StaticDecoding:
         self.graph = graph
         self.captures += 1
         return output
+
+
+@contextlib.contextmanager
+def deferred_stop_check(cache: CompressedCache):
+    """Within this `generate`, let transformers read its "every sequence finished" flag one step late.
+
+    The flag lives on the device; reading it every step (transformers' default off Apple's mps) makes the host
+    wait for each step to finish before it prepares the next, so the host's per-step work (logits processing,
+    input preparation: 1-4 ms) adds to the device's instead of overlapping it. transformers' own
+    `DeferredStopCheck` copies the flag without blocking and reads it on the following step; when the flag says
+    stop, the one step run too many is undone (`StaticDecoding.undo_steps` through `cache.crop`). Only switched
+    on for `cache`, and only where the installed transformers has it.
+    """
+    upstream = getattr(generation_utils, "DeferredStopCheck", None)
+    if upstream is None or not DEFER_STOP_CHECK:
+        yield
+        return
+
+    class DeferredForStaticDecoding(upstream):
+        @staticmethod
+        def is_supported(device, generate_cache, cache_is_returned, is_assistant):
+            if generate_cache is not cache or is_assistant or device.type not in DEFERRED_DEVICES:
+                return upstream.is_supported(device, generate_cache, cache_is_returned, is_assistant)
+            return cache.is_croppable or not cache_is_returned
+
+    generation_utils.DeferredStopCheck = DeferredForStaticDecoding
+    try:
+        yield
+    finally:
+        generation_utils.DeferredStopCheck = upstream

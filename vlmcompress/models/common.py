@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -10,7 +11,7 @@ from transformers import DynamicCache
 from ..cache import CompressedCache
 from ..cache.base import cache_argument, language_model_of, passed_cache, visual_token_ids
 from ..cache.full import FullCache
-from ..cache.static_decoding import ROOM, StaticDecoding
+from ..cache.static_decoding import ROOM, StaticDecoding, deferred_stop_check
 from ..config import CompressionSettings
 
 
@@ -59,7 +60,8 @@ class CompressionMixin:
             static = StaticDecoding(cache, language_model_of(self), room=room).install()
         started = time.perf_counter()
         try:
-            output = super().generate(*args, **kwargs)
+            with deferred_stop_check(cache) if static is not None else contextlib.nullcontext():
+                output = super().generate(*args, **kwargs)
         finally:
             if static is not None:
                 static.close()
