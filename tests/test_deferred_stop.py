@@ -80,3 +80,19 @@ def test_an_early_stop_is_undone_to_eager_decodings_result(tiny_dirs, processors
     written = eager_seen - prompt
     assert not layer.slot_valid[..., layer.static_base + written:].any()
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="deferring the stop check needs CUDA events")
+def test_deferred_stop_on_cuda_equals_eager_decoding(tiny_dirs, processors):
+    path = tiny_dirs["qwen2_vl"]
+    inputs = image_inputs(processors["qwen2_vl"], QUESTIONS).to("cuda")
+    options = dict(kv="snapkv", kv_budget=0.3, window_size=4, dtype=torch.float32, device_map="cuda")
+    eager_model = vlmcompress.load(path, **options)
+    prompt = inputs["input_ids"].shape[1]
+    free = eager_model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=None)
+    eos = sorted(set(free[:, prompt + 2].tolist()))
+    eager = greedy(eager_model, inputs, eos)
+    static = greedy(vlmcompress.load(path, cuda_graphs=True, **options), inputs, eos)
+    assert eager.sequences.shape[1] - prompt < MAX_NEW_TOKENS
+    assert torch.equal(static.sequences, eager.sequences)
+    assert static.past_key_values.get_seq_length() == eager.past_key_values.get_seq_length()

@@ -1,0 +1,149 @@
+"""Where a statically decoded step's time goes (`cuda_graphs=True`), on one model and cache.
+
+    python bench/decode_step.py --model qwen2_vl_7b --methods none,snapkv --budget 0.1 --batch 8
+
+For each method and stop-check mode (`--stop-check`: `sync`, transformers' default of reading the finished flag on
+the host every step; `deferred`, vlmcompress's reading of it one step late), it runs `generate` and reports
+per decoding step, medians in milliseconds:
+  step_ms         wall time of a decoding step of `generate` (all tokens but the first)
+  replay_ms       the captured language-model graph replayed back to back, device time (CUDA events)
+  outside_ms      device time from the end of one replay to the start of the next one's inputs: what
+                  `generate` runs outside the graph (embedding, `lm_head`, logits processing) plus idle
+  host_outside_ms host time from our step's return to the next step's call (includes waiting for the
+                  device where the loop synchronises)
+  floor_ms        (LLM weights + mean KV read) / HBM bandwidth, as in bench.py
+CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+
+import transformers  # noqa: E402
+
+from bench import build_model, decode_floor, hbm_bandwidth, parse_method, timed  # noqa: E402
+from real_models import make_inputs  # noqa: E402
+from vlmcompress.cache import static_decoding  # noqa: E402
+from vlmcompress.cache.static_decoding import StaticDecoding  # noqa: E402
+from vlmcompress.config import accepted_options, build_settings  # noqa: E402
+
+
+class StepRecorder:
+    """Wraps `StaticDecoding.decode_step` to time each step, and keeps the last graph for replays."""
+
+    def __init__(self):
+        self.decode_step, self.close = StaticDecoding.decode_step, StaticDecoding.close
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.host: list[tuple[float, float]] = []
+        self.kept: dict | None = None
+        recorder = self
+
+        def decode_step(static, kwargs):
+            enter, leave = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            recorder.host.append((time.perf_counter(), 0.0))
+            enter.record()
+            output = recorder.decode_step(static, kwargs)
+            leave.record()
+            recorder.events.append((enter, leave))
+            recorder.host[-1] = (recorder.host[-1][0], time.perf_counter())
+            return output
+
+        def close(static):
+            # the graph replays buffers the cache and the step's inputs own: keep them alive with it
+            recorder.kept = {"graph": static.graph, "inputs": static.inputs, "cache": static.cache}
+            recorder.close(static)
+
+        StaticDecoding.decode_step, StaticDecoding.close = decode_step, close
+
+    def reset(self):
+        self.events, self.host = [], []
+
+    def split(self) -> dict:
+        torch.cuda.synchronize()
+        steps = self.events[1:]  # the first step runs eagerly and captures
+        outside = [a[1].elapsed_time(b[0]) for a, b in zip(steps, steps[1:])]
+        inside = [enter.elapsed_time(leave) for enter, leave in steps]
+        host_outside = [(b[0] - a[1]) * 1e3 for a, b in zip(self.host[1:], self.host[2:])]
+        host_inside = [(leave - enter) * 1e3 for enter, leave in self.host[1:]]
+        return {"inside_ms": statistics.median(inside), "outside_ms": statistics.median(outside),
+                "host_outside_ms": statistics.median(host_outside), "host_inside_ms": statistics.median(host_inside)}
+
+    def replay_ms(self, replays: int = 50) -> float:
+        graph = self.kept["graph"]
+        for _ in range(3):
+            graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        self.kept = None
+        return start.elapsed_time(end) / replays
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2_vl_7b")
+    parser.add_argument("--methods", default="none,snapkv", help="comma-separated KV methods; none keeps every token")
+    parser.add_argument("--budget", type=float, default=0.1)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--stop-check", default="sync,deferred")
+    parser.add_argument("--out", default=None, help="a JSON file for the rows")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_step.py times CUDA graphs: it needs a CUDA device")
+    device = torch.device("cuda")
+    command = "python bench/decode_step.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    machine = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+               "transformers": transformers.__version__, "python": platform.python_version()}
+    print(f"# {command}\n# {json.dumps(machine)}", flush=True)
+    bandwidth = hbm_bandwidth(device)
+    model, processor = build_model(args.model, device, None)
+    inputs = make_inputs(processor, "hires", args.batch).to(device)
+    recorder = StepRecorder()
+    rows = []
+    for spec, stop_check in itertools.product(args.methods.split(","), args.stop_check.split(",")):
+        if stop_check not in ("sync", "deferred"):
+            raise SystemExit(f"unknown --stop-check {stop_check!r}; choose sync or deferred")
+        method = parse_method(spec)
+        budget = args.budget if method["kv"] else None
+        options = {"window_size": 32} if "window_size" in accepted_options(method["kv"], None) else {}
+        static_decoding.DEFER_STOP_CHECK = stop_check == "deferred"
+        model.compression = build_settings(kv=method["kv"], kv_budget=budget, cuda_graphs=True, **options)
+
+        def generate(tokens):
+            return model.generate(**inputs, do_sample=False, min_new_tokens=tokens, max_new_tokens=tokens)
+
+        generate(args.new_tokens)  # warm-up
+        first = statistics.median(timed(lambda: generate(1), device)[0] for _ in range(2))
+        recorder.reset()
+        total, _ = timed(lambda: generate(args.new_tokens), device)
+        row = {"model": args.model, "method": spec, "budget": budget, "batch": args.batch,
+               "stop_check": stop_check, "step_ms": (total - first) / (args.new_tokens - 1) * 1e3,
+               **recorder.split(), "replay_ms": recorder.replay_ms()}
+        row["kv_bytes"] = model.compression_stats["kv_bytes"]
+        floor = decode_floor(model, row, args.new_tokens, bandwidth)
+        row["floor_ms"] = floor * 1e3 if floor else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
