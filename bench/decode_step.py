@@ -18,6 +18,7 @@ CUDA only.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import platform
@@ -80,7 +81,8 @@ class StepRecorder:
         return {"inside_ms": statistics.median(inside), "outside_ms": statistics.median(outside),
                 "host_outside_ms": statistics.median(host_outside), "host_inside_ms": statistics.median(host_inside)}
 
-    def replay_ms(self, replays: int = 50) -> float:
+    def replay(self, replays: int = 50) -> dict:
+        """The kept graph replayed back to back: milliseconds per replay, and its kernels by kind."""
         graph = self.kept["graph"]
         for _ in range(3):
             graph.replay()
@@ -90,8 +92,36 @@ class StepRecorder:
             graph.replay()
         end.record()
         torch.cuda.synchronize()
+        profiled = 10
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(profiled):
+                graph.replay()
+            torch.cuda.synchronize()
         self.kept = None
-        return start.elapsed_time(end) / replays
+        kinds: dict[str, list] = {}
+        for event in prof.key_averages():
+            if event.device_time_total <= 0 or event.key.startswith(("aten::", "cuda")):
+                continue
+            kind = kernel_kind(event.key)
+            count, micros = kinds.get(kind, (0, 0.0))
+            kinds[kind] = (count + event.count / profiled, micros + event.device_time_total / profiled)
+        return {"replay_ms": start.elapsed_time(end) / replays,
+                "kernels": {k: {"per_step": round(c, 1), "ms": round(us / 1e3, 3)} for k, (c, us) in kinds.items()}}
+
+
+def fused_rms_norm(module, hidden):
+    """transformers' RMSNorm (float32 statistics, rounded to the input's dtype, then the weight) in one
+    `torch.rms_norm` kernel and one multiply, instead of eight kernels."""
+    return module.weight * torch.rms_norm(hidden, (hidden.shape[-1],), eps=module.variance_epsilon)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    if any(tag in lowered for tag in ("nvjet", "gemm", "cutlass", "gemv", "splitk")):
+        return "matmul"
+    if any(tag in lowered for tag in ("sdpa", "attention", "fmha", "flash")):
+        return "attention"
+    return "other"
 
 
 def main(argv=None) -> list[dict]:
@@ -102,6 +132,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--stop-check", default="sync,deferred")
+    parser.add_argument("--fused-norm", default="off", help="comma-separated: off, on (RMSNorm as torch.rms_norm)")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -116,7 +147,14 @@ def main(argv=None) -> list[dict]:
     inputs = make_inputs(processor, "hires", args.batch).to(device)
     recorder = StepRecorder()
     rows = []
-    for spec, stop_check in itertools.product(args.methods.split(","), args.stop_check.split(",")):
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")]
+    for spec, stop_check, fused in itertools.product(args.methods.split(","), args.stop_check.split(","),
+                                                     args.fused_norm.split(",")):
+        for norm in norms:
+            if fused == "on":
+                norm.forward = functools.partial(fused_rms_norm, norm)
+            else:
+                vars(norm).pop("forward", None)
         if stop_check not in ("sync", "deferred"):
             raise SystemExit(f"unknown --stop-check {stop_check!r}; choose sync or deferred")
         method = parse_method(spec)
@@ -133,8 +171,8 @@ def main(argv=None) -> list[dict]:
         recorder.reset()
         total, _ = timed(lambda: generate(args.new_tokens), device)
         row = {"model": args.model, "method": spec, "budget": budget, "batch": args.batch,
-               "stop_check": stop_check, "step_ms": (total - first) / (args.new_tokens - 1) * 1e3,
-               **recorder.split(), "replay_ms": recorder.replay_ms()}
+               "stop_check": stop_check, "fused_norm": fused, "step_ms": (total - first) / (args.new_tokens - 1) * 1e3,
+               **recorder.split(), **recorder.replay()}
         row["kv_bytes"] = model.compression_stats["kv_bytes"]
         floor = decode_floor(model, row, args.new_tokens, bandwidth)
         row["floor_ms"] = floor * 1e3 if floor else None
