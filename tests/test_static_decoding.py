@@ -1,6 +1,7 @@
 """Static decoding (`cuda_graphs=True`): decoding at fixed shapes gives eager decoding's tokens and logits,
-the room grows when it runs out, the decode-time methods and bad values are refused, and on CUDA the
-replayed graph equals the same steps run eagerly."""
+the decode-time methods (H2O, StreamingLLM) evict within fixed buffers and keep eager decoding's tokens, the
+room grows when it runs out, bad values are refused, and on CUDA the replayed graph equals the same steps
+run eagerly."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ QUESTIONS = ("What is in the picture? Describe it in detail.", "Colour?")  # a l
 NEW_TOKENS = 7
 
 
-def load(path, method, **kwargs):
-    budget = 0.3 if method else None
+def load(path, method, budget=0.3, **kwargs):
+    budget = budget if method else None
     return vlmcompress.load(path, kv=method, kv_budget=budget, dtype=torch.float32, **OPTIONS.get(method, {}),
                             **kwargs)
 
@@ -70,6 +71,66 @@ def test_static_decoding_equals_eager_decoding(tiny_dirs, processors, static_ste
     assert "forward" not in vars(language_model)  # the upstream forward is back after generate
 
 
+def live_positions(layer) -> list[list[list[int]]]:
+    """Per sample and KV head, the sorted positions of the slots the next token will attend to."""
+    valid = layer.slot_valid if layer.slot_valid is not None else torch.ones_like(layer.positions, dtype=torch.bool)
+    if layer.slot_valid is None and layer.free_slot is not None:  # eager decoding's retired slot
+        valid = valid.scatter(-1, layer.free_slot[..., None], False)
+    return [[sorted(positions[live].tolist()) for positions, live in zip(*sample)]
+            for sample in zip(layer.positions, valid)]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("method", ["h2o", "streamingllm"])
+@pytest.mark.parametrize("budget", [0.3, "longer prompt + 2", "shorter prompt + 2"])
+def test_decode_time_eviction_in_static_buffers_equals_eager_decoding(tiny_dirs, processors, static_steps, arch,
+                                                                      method, budget):
+    """H2O and StreamingLLM retire slots within `capacity + 1` fixed slots. A budget above a sample's prompt
+    first lets it grow: the longer sample into the empty slots after its prompt, the shorter one into its
+    padding slots, before its attention sinks (then evicting must still find the sinks)."""
+    inputs = image_inputs(processors[arch], QUESTIONS)
+    prompt = inputs["input_ids"].shape[1]
+    shorter = int(inputs["attention_mask"][1].sum())
+    assert inputs["attention_mask"][0].all() and shorter < prompt
+    budget = {"longer prompt + 2": prompt + 2, "shorter prompt + 2": shorter + 2}.get(budget, budget)
+    eager_model, static_model = load(tiny_dirs[arch], method, budget), load(tiny_dirs[arch], method, budget,
+                                                                             cuda_graphs=True)
+    eager_cache, static_cache = eager_model.make_cache(), static_model.make_cache()
+    eager = greedy(eager_model, inputs, past_key_values=eager_cache)
+    static = greedy(static_model, inputs, past_key_values=static_cache)
+    assert_same_decoding(static, eager)
+    width = int(static_cache.layers[0].capacity.max()) + 1
+    assert static_steps == [width] * (NEW_TOKENS - 1)  # the buffers never grew
+    for static_layer, eager_layer, count in zip(static_cache.layers, eager_cache.layers, static_cache.kept_counts()):
+        assert live_positions(static_layer) == live_positions(eager_layer)
+        assert static_layer.keys.shape[-2] == int(static_layer.capacity.max()) + 1
+        # The unpadded sample retired prompt tokens while decoding, and holds its capacity.
+        capacity = int(static_layer.capacity[0])
+        live_prompt = (static_layer.positions[0] < prompt) & static_layer.slot_valid[0]
+        assert (live_prompt.sum(-1) < min(capacity, prompt)).all() and (count[0] == capacity).all()
+    for static_count, eager_count in zip(static_cache.kept_counts(), eager_cache.kept_counts()):
+        assert torch.equal(static_count, eager_count)
+    assert static_cache.prefill_nbytes == eager_cache.prefill_nbytes
+
+
+@pytest.mark.parametrize("method", ["h2o", "streamingllm"])
+def test_decode_time_eviction_of_one_prompt_equals_eager_decoding_in_place(tiny_dirs, processors, static_steps,
+                                                                           method):
+    """Without padding, eager decoding at the budget overwrites the retired slot in place (`free_slot`); the
+    static buffers do the same."""
+    arch = "qwen2_vl"
+    inputs = image_inputs(processors[arch])
+    eager_model, static_model = (load(tiny_dirs[arch], method, 16, cuda_graphs=graphs) for graphs in (False, True))
+    eager_cache, static_cache = eager_model.make_cache(), static_model.make_cache()
+    eager = greedy(eager_model, inputs, past_key_values=eager_cache)
+    static = greedy(static_model, inputs, past_key_values=static_cache)
+    assert_same_decoding(static, eager)
+    assert static_steps == [17] * (NEW_TOKENS - 1)
+    assert all(layer.free_slot is not None and layer.slot_valid is None for layer in eager_cache.layers)
+    for static_layer, eager_layer in zip(static_cache.layers, eager_cache.layers):
+        assert live_positions(static_layer) == live_positions(eager_layer)
+
+
 @pytest.mark.parametrize("prune", ["fastv", "visionzip"])
 def test_static_decoding_composes_with_token_pruning(tiny_dirs, processors, static_steps, prune):
     arch = "qwen2_vl"
@@ -116,11 +177,8 @@ def test_a_cache_keeping_every_token_is_not_copied(tiny_dirs, processors, monkey
     assert len(gathers) > 0
 
 
-def test_decode_time_methods_and_bad_values_are_refused(tiny_dirs):
+def test_bad_values_are_refused(tiny_dirs):
     path = tiny_dirs["qwen2_vl"]
-    for method in ("h2o", "streamingllm"):
-        with pytest.raises(ValueError, match="snapkv"):
-            vlmcompress.load(path, kv=method, cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
         vlmcompress.load(path, kv="snapkv", cuda_graphs="yes")
     with pytest.raises(ValueError, match="room"):
@@ -128,7 +186,7 @@ def test_decode_time_methods_and_bad_values_are_refused(tiny_dirs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("method", [None, "snapkv", "vlcache"])
+@pytest.mark.parametrize("method", [None, "snapkv", "vlcache", "h2o", "streamingllm"])
 def test_cuda_graph_replays_equal_the_same_static_steps_run_eagerly(tiny_dirs, processors, monkeypatch, method):
     arch = "llava_onevision"
     inputs = image_inputs(processors[arch], QUESTIONS).to("cuda")

@@ -137,10 +137,6 @@ def build_settings(
 
     if not isinstance(cuda_graphs, bool):
         raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-    if cuda_graphs and kv is not None and get_cache_class(kv).evicts_during_decoding:
-        static = sorted(name for name, cls in KV_METHODS.items() if not cls.evicts_during_decoding)
-        raise ValueError(f"cuda_graphs=True decodes at fixed shapes, but kv={kv!r} evicts while decoding: "
-                         f"choose one of {static} or kv=None, or leave cuda_graphs off")
     kv_settings = None
     if kv is not None:
         method = get_cache_class(kv).name

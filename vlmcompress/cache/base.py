@@ -13,7 +13,9 @@ A `CompressedCache` is a `transformers.DynamicCache` whose layers shrink. Its li
    where some slot is not to be attended (left padding in a batch, per-sample budgets);
    otherwise none. For `vlmcompress_sdpa` it is per KV head, so no K/V is copied per query head.
 3. Decode-time methods (H2O, StreamingLLM) retire the lowest-scored slot of a sample when
-   it holds more than its budget, and compact the tensors.
+   it holds more than its budget, and compact the tensors; at its budget the next token is
+   written into the retired slot instead (`free_slot`), which is also how static decoding
+   (`make_static`) evicts.
 
 The cache finds the model's attention modules itself: `attach(model)` (done by
 `vlmcompress.load`), or, when passed as `past_key_values=` to a plain transformers model,
@@ -99,8 +101,9 @@ class CompressedLayer(DynamicLayer):
     """One layer's keys/values `[batch, kv_heads, slots, head_dim]` plus what eviction needs.
 
     positions: `[b, h, slots]` original position of each slot (None until the prompt is compressed).
-    slot_valid: `[b, h, slots]` False where a slot must not be attended (left padding, or a
-        retired slot awaiting compaction); None when every slot is valid.
+    slot_valid: `[b, h, slots]` False where a slot must not be attended (left padding, a retired
+        slot awaiting compaction or overwrite, static decoding's unfilled room); None when every
+        slot is valid.
     kept_indices: `[b, h, kept]` the prompt positions kept at prefill, sorted.
     """
 
@@ -114,7 +117,8 @@ class CompressedLayer(DynamicLayer):
         self.kept_indices: torch.Tensor | None = None
         self.compressed = False
         # [b, h] slot retired after the last decoding step: the next token is written into it in
-        # place, so a cache at its budget neither grows nor is copied while decoding.
+        # place, so a cache at its budget neither grows nor is copied while decoding. Under static
+        # decoding, a fixed buffer that each step refills (`retire_static`), and the slot is marked invalid.
         self.free_slot: torch.Tensor | None = None
         self.uniform_capacity: int | None = None  # host copy of `capacity` when equal for all rows
         # Decoding is launch-bound: a padded layer's validity and its additive mask live in buffers with
@@ -122,8 +126,10 @@ class CompressedLayer(DynamicLayer):
         self._validity_room: torch.Tensor | None = None  # [b, h, room] bool; slot_valid is a prefix view
         self._mask_room: torch.Tensor | None = None  # [b, h, 1, room] additive form of _validity_room
         # Static decoding (`make_static`): decoding step t writes slot `static_base + write_offset`, where
-        # `write_offset` is a device scalar holding t, so a step is the same kernels on the same buffers.
+        # `write_offset` is a device scalar holding t, so a step is the same kernels on the same buffers;
+        # its token's position is `static_seen_base + write_offset` (`static_position`).
         self.static_base = 0
+        self.static_seen_base = 0
         self.write_offset: torch.Tensor | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -145,11 +151,14 @@ class CompressedLayer(DynamicLayer):
         self.seen_tokens += new
         return keys, values
 
-    def _write_in_place(self, key_states, value_states):
-        slot = self.free_slot[..., None]  # [b, h, 1]
-        index = slot[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+    def _write_at_free_slot(self, key_states, value_states):
+        index = self.free_slot[..., None, None].expand(-1, -1, 1, self.keys.shape[-1])
         self.keys.scatter_(2, index, key_states)
         self.values.scatter_(2, index, value_states)
+
+    def _write_in_place(self, key_states, value_states):
+        slot = self.free_slot[..., None]  # [b, h, 1]
+        self._write_at_free_slot(key_states, value_states)
         self.positions.scatter_(2, slot, torch.full_like(slot, self.seen_tokens))
         if self.scores is not None:
             self.scores.scatter_(2, slot, torch.zeros_like(slot, dtype=self.scores.dtype))
@@ -159,7 +168,12 @@ class CompressedLayer(DynamicLayer):
 
     def make_static(self, filled: int, room: int, write_offset: torch.Tensor) -> None:
         """Keep the first `filled` slots and preallocate `room` more, invalid until written: decoding then
-        writes in place at `static_base + write_offset` (a device scalar) and never changes a shape."""
+        writes in place at `static_base + write_offset` (a device scalar) and never changes a shape. A layer
+        that evicts while decoding (`capacity` set) ignores `filled` and `room`: `_make_static_evicting`."""
+        self.static_seen_base = self.seen_tokens
+        if self.capacity is not None:
+            self._make_static_evicting(write_offset)
+            return
         b, h, _, d = self.keys.shape
         valid = self.slot_valid[..., :filled] if self.slot_valid is not None else self.keys.new_ones(
             b, h, filled, dtype=torch.bool)
@@ -169,11 +183,70 @@ class CompressedLayer(DynamicLayer):
         self._validity_room = self._mask_room = None
         self.static_base, self.write_offset = filled, write_offset
 
+    def _make_static_evicting(self, write_offset: torch.Tensor) -> None:
+        """Eager decoding's steady state at fixed shapes: `max(capacity) + 1` slots, each step's token written
+        into `free_slot` (a fixed `[b, h]` buffer, first the slot after the prompt's), which the step's eviction
+        refills in place (`retire_static`). Padding, room not yet grown into and the retired slot are invalid.
+        Made once: later calls (the room of the prefill-only layers ran out) only move the position base."""
+        if self.write_offset is None:
+            b, h, held, _ = self.keys.shape
+            empty = int(self.capacity.max()) + 1 - held  # >= 1: a layer holds at most its capacity after prefill
+            valid = self.slot_valid
+            if valid is None:
+                valid = self.keys.new_ones(b, h, held, dtype=torch.bool)
+
+            def grown(tensor):
+                return torch.cat([tensor, tensor.new_zeros(b, h, empty, *tensor.shape[3:])], dim=2)
+
+            self.keys, self.values, self.positions, self.slot_valid = map(
+                grown, (self.keys, self.values, self.positions, valid))
+            if self.scores is not None:
+                self.scores = grown(self.scores)
+            self.free_slot = torch.full((b, h), held, dtype=torch.long, device=self.keys.device)
+            self._validity_room = self._mask_room = None
+        self.write_offset = write_offset
+
     def static_slot(self) -> torch.Tensor:
-        """`[1]`: the slot the current static decoding step writes."""
+        """`[1]`: the slot the current static decoding step writes (for a layer that does not evict)."""
         return self.write_offset + self.static_base
 
+    def static_position(self) -> torch.Tensor:
+        """`[1]`: the position of the token the current static decoding step writes."""
+        return self.write_offset + self.static_seen_base
+
+    def newest_position(self) -> int | torch.Tensor:
+        """Position of the newest token held: a host int, or under static decoding the device scalar
+        `static_position()`, since a host int would be baked into the captured step."""
+        return self.static_position() if self.write_offset is not None else self.seen_tokens - 1
+
+    def start_static_step(self) -> None:
+        """Before a static decoding step's attention: the slot its token is written to becomes valid (the
+        token attends to itself); a slot chosen by eviction (`free_slot`) also takes the token's position
+        and, for a method that accumulates scores, a score of zero."""
+        if self.free_slot is None:
+            self.slot_valid.index_fill_(-1, self.static_slot(), True)
+            return
+        slot = self.free_slot[..., None]
+        self.slot_valid.scatter_(-1, slot, True)
+        self.positions.scatter_(-1, slot, self.static_position().expand_as(slot))
+        if self.scores is not None:
+            self.scores.scatter_(-1, slot, 0.0)
+
+    def retire_static(self, scores: torch.Tensor) -> None:
+        """After a static decoding step's attention, choose the slot of the next token, in place and without
+        the host: a row (sample, KV head) holding more than its capacity retires its lowest-scored live slot
+        (eager decoding's eviction); any other takes its first empty slot (room not yet grown into, padding)."""
+        over = self.slot_valid.sum(-1) > self.capacity[:, None]  # [b, h]
+        # Where over, the argmin runs over the live slots only; elsewhere it lands on an empty slot's -inf.
+        empty_score = torch.where(over, float("inf"), float("-inf"))[..., None]
+        choice = torch.where(self.slot_valid, scores, empty_score).argmin(dim=-1)
+        self.slot_valid.scatter_(-1, choice[..., None], False)
+        self.free_slot.copy_(choice)
+
     def _write_static(self, key_states, value_states):
+        if self.free_slot is not None:
+            self._write_at_free_slot(key_states, value_states)
+            return self.keys, self.values
         slot = self.static_slot()
         self.keys.index_copy_(2, slot, key_states)
         self.values.index_copy_(2, slot, value_states)
@@ -467,11 +540,9 @@ class CompressedCache(DynamicCache):
 
     def make_static(self, room: int, write_offset: torch.Tensor, steps_written: int = 0) -> None:
         """Give every compressed layer `room` preallocated slots for decoding (`CompressedLayer.make_static`);
-        a cache already static keeps the `steps_written` tokens it wrote since. The unfilled room is masked
-        at every step, so the mask hooks come back."""
-        if self.evicts_during_decoding:
-            raise ValueError(f"{self.name} evicts while decoding, so its shapes are not static: "
-                             "static decoding (cuda_graphs=True) takes the prefill-only methods")
+        a cache already static keeps the `steps_written` tokens it wrote since. A layer that evicts while
+        decoding gets its capacity and one slot more instead. The unfilled room is masked at every step, so
+        the mask hooks come back."""
         for layer in self.layers:
             filled = layer.static_base + steps_written if layer.write_offset is not None else layer.held_tokens
             layer.make_static(filled, room, write_offset)
@@ -511,15 +582,15 @@ class CompressedCache(DynamicCache):
 
     def kept_counts(self) -> list[torch.Tensor]:
         """Live slots per layer, `[b, kv_heads]` each: held, less padding and the retired slot the
-        next token will overwrite."""
+        next token will overwrite (invalid in `slot_valid` where there is one)."""
         counts = []
         for layer in self.layers:
             b, h, held = layer.keys.shape[:3]
             if layer.slot_valid is None:
-                count = torch.full((b, h), held, dtype=torch.long)
+                count = torch.full((b, h), held - (1 if layer.free_slot is not None else 0), dtype=torch.long)
             else:
                 count = layer.slot_valid.sum(-1).cpu()
-            counts.append(count - (1 if layer.free_slot is not None else 0))
+            counts.append(count)
         return counts
 
     def nbytes(self) -> int:
@@ -615,6 +686,9 @@ class CompressedCache(DynamicCache):
             return
         ctx = DecodeContext(module, layer, arguments["hidden_states"], arguments["position_embeddings"])
         scores = self.decode_scores(ctx)
+        if layer.write_offset is not None:
+            layer.retire_static(scores)
+            return
         steady = layer.slot_valid is None and layer.uniform_capacity is not None
         if steady and layer.held_tokens <= layer.uniform_capacity:
             return  # still under budget

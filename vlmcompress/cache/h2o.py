@@ -14,8 +14,10 @@ import torch
 from .base import PROTECTED, CompressedCache, DecodeContext, PromptContext
 
 
-def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int, recent: torch.Tensor) -> torch.Tensor:
-    """Mark the slots holding the `recent[b]` newest positions (up to `newest`) as always kept."""
+def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int | torch.Tensor,
+                    recent: torch.Tensor) -> torch.Tensor:
+    """Mark the slots holding the `recent[b]` newest positions (up to `newest`, an int or a device scalar) as
+    always kept."""
     is_recent = positions > newest - recent.to(positions.device)[:, None, None]
     return torch.where(is_recent, PROTECTED + positions.double(), scores)
 
@@ -43,5 +45,6 @@ class H2OCache(CompressedCache):
 
     def decode_scores(self, ctx: DecodeContext) -> torch.Tensor:
         layer = ctx.layer
-        layer.scores = layer.scores + ctx.accumulated_attention()
-        return _protect_recent(layer.scores, layer.positions, layer.seen_tokens - 1, self.recent_tokens(layer.capacity))
+        layer.scores += ctx.accumulated_attention()  # in place: static decoding replays steps on this buffer
+        recent = self.recent_tokens(layer.capacity)
+        return _protect_recent(layer.scores, layer.positions, layer.newest_position(), recent)

@@ -6,6 +6,10 @@ cannot show (docs/benchmarks.md). Nothing in a step needs the host once the prom
 
 - every layer gets preallocated room for the coming tokens (`CompressedCache.make_static`); step t writes
   its key and value at slot `static_base + t`, with t held in a device scalar, and marks the slot valid;
+- a layer of a method that evicts while decoding (H2O, StreamingLLM) holds its capacity and one slot more,
+  as eager decoding at the budget does: step t writes into the slot in a device buffer (`free_slot`), and
+  after the attention its eviction picks the next one with tensor operations (`CompressedLayer.retire_static`):
+  the lowest-scored live slot of a row over its capacity, else an empty one;
 - the attention masks the layer's padding and unfilled room (`CompressedLayer.static_decode_mask`);
 - the language model's per-step inputs (embeddings, positions) are copied into fixed buffers.
 
@@ -14,8 +18,8 @@ is captured as a graph; each later step is a few small copies into its input buf
 step runs eagerly, which is what the tests compare with eager decoding. When the room runs out (more
 new tokens than `room`), the layers get more and the step is captured again.
 
-Only caches that do not evict while decoding have static shapes (SnapKV, PyramidKV, VL-Cache, and
-`FullCache` for the uncompressed baseline); flash-attention cannot take the mask, SDPA and eager can.
+Every eviction cache decodes statically (and `FullCache` for the uncompressed baseline); flash-attention
+cannot take the mask, SDPA and eager can.
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ class StaticDecoding:
 
     def _step(self, constants: dict):
         for layer in self.cache.layers:  # the new token attends to itself
-            layer.slot_valid.index_fill_(-1, layer.static_slot(), True)
+            layer.start_static_step()
         with self.fused_norms:
             return self.upstream_forward(**constants, **self.inputs)
 

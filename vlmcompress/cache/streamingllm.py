@@ -12,9 +12,22 @@ import torch
 from .base import PROTECTED, CompressedCache, DecodeContext, PromptContext
 
 
-def _recency_scores(positions: torch.Tensor, valid: torch.Tensor, sink_tokens: int) -> torch.Tensor:
-    """Sinks (the first `sink_tokens` valid slots) first, then the newest: `[b, h, n]` float64."""
-    sinks = valid & (valid.long().cumsum(-1) <= sink_tokens)
+def _recency_scores(positions: torch.Tensor, valid: torch.Tensor, sink_tokens: int,
+                    sinks_first: bool = True) -> torch.Tensor:
+    """Sinks (the `sink_tokens` valid slots of lowest position) first, then the newest: `[b, h, n]` float64.
+
+    `sinks_first`: the sinks are the first valid slots, as in prefill and eager decoding (prompt slots in
+    order, new tokens after them or in a retired non-sink slot). Static decoding may write a token into an
+    empty slot before them, so there (False) the sinks are found by position.
+    """
+    if sinks_first:
+        sinks = valid & (valid.long().cumsum(-1) <= sink_tokens)
+    elif sink_tokens == 0:
+        sinks = torch.zeros_like(valid)
+    else:
+        lowest = positions.masked_fill(~valid, torch.iinfo(positions.dtype).max).topk(
+            min(sink_tokens, positions.shape[-1]), dim=-1, largest=False).values
+        sinks = valid & (positions <= lowest[..., -1:])  # all valid slots where fewer than `sink_tokens`
     position = positions.double()
     return torch.where(sinks, PROTECTED - position, position)
 
@@ -38,4 +51,4 @@ class StreamingLLMCache(CompressedCache):
     def decode_scores(self, ctx: DecodeContext) -> torch.Tensor:
         layer = ctx.layer
         valid = layer.slot_valid if layer.slot_valid is not None else torch.ones_like(layer.positions, dtype=torch.bool)
-        return _recency_scores(layer.positions, valid, self.sink_tokens)
+        return _recency_scores(layer.positions, valid, self.sink_tokens, sinks_first=layer.write_offset is None)
