@@ -62,46 +62,73 @@ def slice_positions(position_embeddings, index: slice | torch.Tensor):
     return cos[..., index, :], sin[..., index, :]
 
 
+@lru_cache(maxsize=None)
+def _fp32_product_of_half_inputs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.baddbmm(..., out_dtype=torch.float32)` takes `dtype` inputs on `device` (CUDA, recent
+    torch): the product then runs on the tensor cores from the cache's own keys, accumulating in float32."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    a, b = torch.randn(2, 8, 16, device=device), torch.randn(2, 16, 8, device=device)
+    try:
+        product = torch.baddbmm(torch.zeros(2, 1, 8, device=device), a.to(dtype), b.to(dtype), torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return bool(torch.allclose(product, torch.bmm(a.to(dtype).float(), b.to(dtype).float()), rtol=1e-3, atol=1e-3))
+
+
 def attention_chunks(
     queries: torch.Tensor,
     keys: torch.Tensor,
     scaling: float,
-    query_slots: torch.Tensor,
     key_valid: torch.Tensor | None = None,
     max_elements: int = 1 << 26,
     query_valid: torch.Tensor | None = None,
 ):
     """Yield `(rows, probs)`: softmax attention of chunks of `queries` over `keys`, in float32.
 
-    queries `[b, H, q, d]`; keys `[b, h, n, d]` with `H = h * groups`; query_slots `[q]` is each
-    query's own slot among the keys (causal: it sees slots <= its own); key_valid `[b, n]` or
-    `[b, h, n]`, False for padding; query_valid `[b, q]`, False for a query that is not to count: its
-    row sees no key, so its probabilities are all 0. `probs` is `[b, h, groups, rows, n]`; chunks hold at
-    most `max_elements` scores, so a long prompt never materialises its whole attention matrix.
+    queries `[b, H, q, d]` are the last q positions of keys `[b, h, n, d]` (`H = h * groups`), so each sees
+    the keys up to its own (causal); key_valid `[b, n]` or `[b, h, n]`, False for padding; query_valid
+    `[b, q]`, False for a query that is not to count: its row sees no key, so its probabilities are all 0.
+    `probs` is `[b, h, groups, rows, n]`; chunks hold at most `max_elements` scores, so a long prompt never
+    materialises its whole attention matrix.
+
+    The scores are made in one pass: scaling and the keys' padding (an additive bias) are applied by the
+    product itself, and only the last q columns, where causality bites, are masked after it. On CUDA,
+    half-precision keys are multiplied as they are, accumulating in float32.
     """
     b, num_heads, q_len, dim = queries.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
     groups = num_heads // kv_heads
-    # Scaled before the product (q is small), keys transposed as a view: no pass over the scores is spent
-    # on scaling, and none on copying K into another layout.
-    q = (queries.float() * scaling).view(b, kv_heads, groups, q_len, dim)
-    k_t = keys.float().transpose(-1, -2)
-    slots = torch.arange(n, device=keys.device)
-    valid = None
+    if _fp32_product_of_half_inputs(keys.device, keys.dtype):
+        q, k = queries.to(keys.dtype), keys
+    else:
+        q, k = queries.float(), keys.float()
+    q = q.reshape(b, kv_heads, groups, q_len, dim)
+    k_t = k.reshape(b * kv_heads, n, dim).transpose(1, 2)  # a view: K is not copied into another layout
+    bias = torch.zeros(b, kv_heads, 1, n, dtype=torch.float32, device=keys.device)
     if key_valid is not None:
         valid = (key_valid if key_valid.dim() == 3 else key_valid[:, None]).to(keys.device)
+        bias.masked_fill_(~valid[:, :, None], float("-inf"))
+    bias = bias.view(b * kv_heads, 1, n)
+    tail = torch.ones(q_len, q_len, dtype=torch.bool, device=keys.device).tril()  # query row -> its keys among the last q
+    some_rows_out = query_valid is not None and not bool(query_valid.all())
     step = max(1, max_elements // max(1, b * num_heads * n))
     for start in range(0, q_len, step):
         rows = slice(start, min(q_len, start + step))
         count = rows.stop - rows.start
-        logits = torch.matmul(q[:, :, :, rows].reshape(b, kv_heads, groups * count, dim), k_t)
-        allowed = (slots[None, :] <= query_slots[rows, None])[None, None, None]
-        if valid is not None:
-            allowed = allowed & valid[:, :, None, None, :]
-        if query_valid is not None:
-            allowed = allowed & query_valid[:, None, None, rows, None].to(keys.device)
-        logits = logits.view(b, kv_heads, groups, count, n).masked_fill_(~allowed, float("-inf"))
-        yield rows, torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        chunk = q[:, :, :, rows].reshape(b * kv_heads, groups * count, dim)
+        if q.dtype == torch.float32:
+            logits = torch.baddbmm(bias, chunk, k_t, alpha=scaling)
+        else:
+            logits = torch.baddbmm(bias, chunk, k_t, torch.float32, alpha=scaling)
+        logits = logits.view(b, kv_heads, groups, count, n)
+        logits[..., n - q_len:].masked_fill_(~tail[rows], float("-inf"))
+        if some_rows_out:
+            logits.masked_fill_(~query_valid[:, None, None, rows, None].to(keys.device), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if some_rows_out or key_valid is not None:  # a row that sees no key (left out, or a padding query)
+            probs.nan_to_num_(0.0)  # is all NaN after the softmax
+        yield rows, probs
 
 
 def received_attention(probs: torch.Tensor) -> torch.Tensor:
@@ -111,11 +138,11 @@ def received_attention(probs: torch.Tensor) -> torch.Tensor:
     return probs.sum(dim=3).mean(dim=2).double()
 
 
-def accumulated_attention(queries, keys, scaling, query_slots, key_valid=None) -> torch.Tensor:
-    """Attention each key receives, summed over the queries and averaged over the query heads that
-    share its KV head: `[b, h, n]` in float64."""
+def accumulated_attention(queries, keys, scaling, key_valid=None) -> torch.Tensor:
+    """Attention each key receives from `queries`, the last positions of `keys` (`attention_chunks`),
+    summed over the queries and averaged over the query heads that share its KV head: `[b, h, n]` in float64."""
     total = None
-    for _, probs in attention_chunks(queries, keys, scaling, query_slots, key_valid):
+    for _, probs in attention_chunks(queries, keys, scaling, key_valid):
         part = received_attention(probs)
         total = part if total is None else total + part
     return total

@@ -371,18 +371,14 @@ class PromptContext:
             )
         return self._queries[last]
 
-    def query_slots(self, last: int) -> torch.Tensor:
-        return torch.arange(self.length - last, self.length, device=self.keys.device)
-
     def accumulated_attention(self, last: int) -> torch.Tensor:
         """Attention received by each key from the last `last` queries, `[b, h, n]` (float64)."""
-        return accumulated_attention(self.queries(last), self.keys, self.module.scaling, self.query_slots(last),
-                                     self.key_valid)
+        return accumulated_attention(self.queries(last), self.keys, self.module.scaling, self.key_valid)
 
     def attention_chunks(self, last: int, query_valid: torch.Tensor | None = None):
         """`attention.attention_chunks` of the last `last` queries; `query_valid` `[b, last]` leaves some out."""
-        return attention_chunks(self.queries(last), self.keys, self.module.scaling, self.query_slots(last),
-                                self.key_valid, query_valid=query_valid)
+        return attention_chunks(self.queries(last), self.keys, self.module.scaling, self.key_valid,
+                                query_valid=query_valid)
 
 
 @dataclass
@@ -395,11 +391,10 @@ class DecodeContext:
     position_embeddings: tuple
 
     def accumulated_attention(self) -> torch.Tensor:
-        q_len = self.hidden_states.shape[1]
-        held = self.layer.held_tokens
+        # One new token sees every valid slot, wherever it was written (`attention_chunks` masks causally
+        # only among several new tokens, which are appended last).
         queries = recompute_queries(self.module, self.hidden_states, self.position_embeddings)
-        slots = torch.arange(held - q_len, held, device=self.layer.keys.device)
-        return accumulated_attention(queries, self.layer.keys, self.module.scaling, slots, self.layer.slot_valid)
+        return accumulated_attention(queries, self.layer.keys, self.module.scaling, self.layer.slot_valid)
 
 
 def integer_allocation(weights: list[float], total: int, upper: int, lower: int = 0) -> list[int]:

@@ -56,6 +56,5 @@ def last_token_attention(module: torch.nn.Module, hidden_states: torch.Tensor, p
     queries = recompute_queries(module, hidden_states[:, -1:], slice_positions(position_embeddings, slice(-1, None)))
     keys = recompute_keys(module, hidden_states, position_embeddings)
     valid = key_validity_from_mask(attention_mask, batch, n, keys.device)
-    slots = torch.tensor([n - 1], device=keys.device)
-    (_, probs), = list(attention_chunks(queries, keys, module.scaling, slots, valid))
+    (_, probs), = list(attention_chunks(queries, keys, module.scaling, valid))
     return probs[:, :, :, 0].flatten(1, 2).mean(dim=1)  # [b, n]
