@@ -172,11 +172,12 @@ def test_decode_time_eviction_equals_masking_at_every_step(tiny_dirs, processors
 
 @pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "internvl"])
 @pytest.mark.parametrize("method", METHODS)
-def test_batch_equals_single(tiny_dirs, processors, arch, method):
+@pytest.mark.parametrize("budget", [0.3, 16])  # 16 tokens: every row evicts all its padding at prefill
+def test_batch_equals_single(tiny_dirs, processors, arch, method, budget):
     """A left-padded batch gives every sample its single-prompt tokens and kept positions."""
     questions = ("What is in the picture? Describe it in detail please.", "Colour?")
     batch_inputs = image_inputs(processors[arch], questions, seeds=[3, 4])
-    model = load(tiny_dirs[arch], method, 0.3, dtype=F64)
+    model = load(tiny_dirs[arch], method, budget, dtype=F64)
     batch_cache = model.make_cache()
     batch_out = greedy(model, batch_inputs, past_key_values=batch_cache)
     pads = (batch_inputs["attention_mask"] == 0).sum(-1)

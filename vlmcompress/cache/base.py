@@ -464,6 +464,7 @@ class CompressedCache(DynamicCache):
         self._mask_handles: list = []
         self._attached_to = None
         self.prefill_nbytes: int | None = None  # bytes held right after the prompt was compressed
+        self.prompt_padded = False  # some prompt of the batch was left-padded
         self.static_decoding = None  # the StaticDecoding driving this cache's decoding steps, during its generate
         discovery = torch.nn.modules.module.register_module_forward_pre_hook(partial(_discover, weakref.ref(self)))
         self._handles.append(discovery)
@@ -567,7 +568,9 @@ class CompressedCache(DynamicCache):
         """Every layer holds its compressed prompt: drop the hooks decoding does not need."""
         self.prefill_nbytes = self.nbytes()
         _remove_all(self._prefill_handles)
-        if all(layer.slot_valid is None for layer in self.layers):
+        # A padded prompt needs the mask hooks even where eviction dropped every padding slot: they pass no
+        # mask, where the model would apply its 2-D padding mask to slots that now hold kept tokens.
+        if not self.prompt_padded and all(layer.slot_valid is None for layer in self.layers):
             _remove_all(self._mask_handles)
 
     # ----- bookkeeping ----------------------------------------------------------------------
@@ -610,6 +613,7 @@ class CompressedCache(DynamicCache):
         keys = layer.keys
         n = keys.shape[-2]
         key_valid = key_validity_from_mask(arguments.get("attention_mask"), batch, n, keys.device)
+        self.prompt_padded = self.prompt_padded or key_valid is not None
         real = key_valid.sum(-1) if key_valid is not None else torch.full((batch,), n, device=keys.device)
         visual = self.visual_mask
         if visual is not None and visual.shape != (batch, n):
