@@ -3,7 +3,9 @@
 kvpress 0.5.5 pins transformers < 5.3, so this runs in its own process with transformers 5.2.0
 and kvpress on PYTHONPATH (wheels carried to the GPU machine). Both libraries compress the same
 Qwen2-7B language model (random bf16 weights, the LLM of Qwen2-VL-7B and LLaVA-OneVision-7B) on the
-same prompt of `--prompt` tokens at the same compression, and are timed the same way:
+same prompt of `--prompt` tokens at the same compression, and are timed the same way. vlmcompress is
+measured twice: decoding eagerly as transformers does, and statically from a CUDA graph (what
+`load(..., cuda_graphs=True)` does; `decode: graphs`), with an uncompressed graphed row for reference:
 
     PYTHONPATH=/tmp/site python bench/kvpress_compare.py --prompt 2408 --batch 8 --budget 0.1
 
@@ -56,6 +58,9 @@ def main():
     import kvpress
     from real_models import QWEN2_7B
     from vlmcompress.cache import PyramidKVCache, SnapKVCache, StreamingLLMCache
+    from vlmcompress.cache.base import language_model_of
+    from vlmcompress.cache.full import FullCache
+    from vlmcompress.cache.static_decoding import StaticDecoding, deferred_stop_check
 
     config = AutoConfig.for_model("qwen2", **QWEN2_7B, vocab_size=152064, rope_theta=1e6)
     config.eos_token_id = None
@@ -86,23 +91,41 @@ def main():
         return {"prefill_s": prefill, "total_s": total,
                 "decode_tok_s": args.batch * (args.new_tokens - 1) / max(total - prefill, 1e-9)}
 
+    def static_generate(make_cache):
+        """`generate` as `load(..., cuda_graphs=True)` runs it, for this plain language model."""
+        cache = make_cache().attach(model)
+        static = StaticDecoding(cache, language_model_of(model), room=args.new_tokens).install()
+        try:
+            with deferred_stop_check(cache):
+                return model.generate(input_ids, past_key_values=cache, **generate)
+        finally:
+            static.close()
+
+    def ours(name, make_cache):
+        prefill = lambda: model(input_ids, past_key_values=make_cache().attach(model), logits_to_keep=1)  # noqa: E731
+        paths = {"eager": lambda: model.generate(input_ids, past_key_values=make_cache().attach(model), **generate),
+                 "graphs": lambda: static_generate(make_cache)}
+        for decode, run in paths.items():
+            if name == "none" and decode == "eager":
+                continue  # that is transformers' own row
+            try:
+                rows.append({"library": "vlmcompress", "method": name, "decode": decode, "budget": args.budget,
+                             **measure(prefill, run)})
+            except Exception as error:
+                rows.append({"library": "vlmcompress", "method": name, "decode": decode,
+                             "error": f"{type(error).__name__}: {error}"})
+            print(json.dumps(rows[-1]), flush=True)
+
     rows = []
     from transformers import DynamicCache
 
     baseline = measure(lambda: model(input_ids, past_key_values=DynamicCache(), logits_to_keep=1),
                        lambda: model.generate(input_ids, **generate))
-    rows.append({"library": "transformers", "method": "none", **baseline})
+    rows.append({"library": "transformers", "method": "none", "decode": "eager", **baseline})
     print(json.dumps(rows[-1]), flush=True)
+    ours("none", FullCache)
     for name, (make_cache, press) in pairs.items():
-        try:
-            ours = measure(
-                lambda: model(input_ids, past_key_values=make_cache().attach(model), logits_to_keep=1),
-                lambda: model.generate(input_ids, past_key_values=make_cache().attach(model), **generate),
-            )
-            rows.append({"library": "vlmcompress", "method": name, "budget": args.budget, **ours})
-        except Exception as error:
-            rows.append({"library": "vlmcompress", "method": name, "error": f"{type(error).__name__}: {error}"})
-        print(json.dumps(rows[-1]), flush=True)
+        ours(name, make_cache)
 
         def press_prefill(press=press):
             with press(model):
@@ -115,7 +138,7 @@ def main():
         try:
             theirs = measure(press_prefill, press_generate)
             rows.append({"library": f"kvpress {kvpress.__version__ if hasattr(kvpress, '__version__') else '0.5.5'}",
-                         "method": name, "budget": args.budget, **theirs})
+                         "method": name, "decode": "eager", "budget": args.budget, **theirs})
         except Exception as error:  # report, don't lose the other rows
             rows.append({"library": "kvpress", "method": name, "error": f"{type(error).__name__}: {error}"})
         print(json.dumps(rows[-1]), flush=True)
