@@ -96,7 +96,7 @@ def main():
         cache = make_cache().attach(model)
         static = StaticDecoding(cache, language_model_of(model), room=args.new_tokens).install()
         try:
-            with deferred_stop_check(cache):
+            with deferred_stop_check():
                 return model.generate(input_ids, past_key_values=cache, **generate)
         finally:
             static.close()

@@ -5,6 +5,9 @@ run eagerly."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import image_inputs
@@ -204,3 +207,21 @@ def test_cuda_graph_replays_equal_the_same_static_steps_run_eagerly(tiny_dirs, p
     monkeypatch.setattr(StaticDecoding, "_run", lambda self, constants: self._step(constants))  # no graph
     eager = greedy(model, inputs)
     assert_same_decoding(graphed, eager)  # cuBLAS may pick other kernels under capture: equal to rounding
+
+
+@pytest.mark.parametrize("method", [None, "snapkv", "h2o"])
+def test_the_cache_is_freed_when_generate_returns(tiny_dirs, processors, method):
+    """Nothing static decoding leaves behind (its graph, the deferred stop check) holds the cache: its KV is
+    freed by reference counting, not when the cycle collector happens to run."""
+    model = load(tiny_dirs["qwen2_vl"], method, cuda_graphs=True)
+    inputs = image_inputs(processors["qwen2_vl"], QUESTIONS)
+    gc.collect()
+    gc.disable()
+    try:
+        cache = model.make_cache()
+        freed = weakref.ref(cache)
+        model.generate(**inputs, past_key_values=cache, do_sample=False, max_new_tokens=3)
+        del cache
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -206,30 +206,39 @@ class FusedRMSNorms:
             vars(norm).pop("forward", None)
 
 
+@functools.lru_cache(maxsize=None)
+def _deferred_stop_check_class(upstream: type) -> type:
+    """transformers' `DeferredStopCheck`, also used for a cache that static decoding drives on CUDA. It asks
+    the cache, not a closure over it: a class is freed only by the cycle collector, which would keep a
+    closed-over cache and its KV alive long after `generate`."""
+
+    class DeferredForStaticDecoding(upstream):
+        @staticmethod
+        def is_supported(device, cache, cache_is_returned, is_assistant):
+            static = isinstance(cache, CompressedCache) and cache.static_decoding is not None
+            if not static or is_assistant or device.type not in DEFERRED_DEVICES:
+                return upstream.is_supported(device, cache, cache_is_returned, is_assistant)
+            return cache.is_croppable or not cache_is_returned
+
+    return DeferredForStaticDecoding
+
+
 @contextlib.contextmanager
-def deferred_stop_check(cache: CompressedCache):
+def deferred_stop_check():
     """Within this `generate`, let transformers read its "every sequence finished" flag one step late.
 
     The flag lives on the device; reading it every step (transformers' default off Apple's mps) makes the host
     wait for each step to finish before it prepares the next, so the host's per-step work (logits processing,
-    input preparation: 1-4 ms) adds to the device's instead of overlapping it. transformers' own
-    `DeferredStopCheck` copies the flag without blocking and reads it on the following step; when the flag says
-    stop, the one step run too many is undone (`StaticDecoding.undo_steps` through `cache.crop`). Only switched
-    on for `cache`, and only where the installed transformers has it.
+    input preparation) adds to the device's instead of overlapping it. transformers' own `DeferredStopCheck`
+    copies the flag without blocking and reads it on the following step; when the flag says stop, the one step
+    run too many is undone (`StaticDecoding.undo_steps` through `cache.crop`). Only for caches under static
+    decoding, and only where the installed transformers has it.
     """
     upstream = getattr(generation_utils, "DeferredStopCheck", None)
     if upstream is None or not DEFER_STOP_CHECK:
         yield
         return
-
-    class DeferredForStaticDecoding(upstream):
-        @staticmethod
-        def is_supported(device, generate_cache, cache_is_returned, is_assistant):
-            if generate_cache is not cache or is_assistant or device.type not in DEFERRED_DEVICES:
-                return upstream.is_supported(device, generate_cache, cache_is_returned, is_assistant)
-            return cache.is_croppable or not cache_is_returned
-
-    generation_utils.DeferredStopCheck = DeferredForStaticDecoding
+    generation_utils.DeferredStopCheck = _deferred_stop_check_class(upstream)
     try:
         yield
     finally:

@@ -60,7 +60,7 @@ class CompressionMixin:
             static = StaticDecoding(cache, language_model_of(self), room=room).install()
         started = time.perf_counter()
         try:
-            with deferred_stop_check(cache) if static is not None else contextlib.nullcontext():
+            with deferred_stop_check() if static is not None else contextlib.nullcontext():
                 output = super().generate(*args, **kwargs)
         finally:
             if static is not None:
