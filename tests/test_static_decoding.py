@@ -134,6 +134,22 @@ def test_decode_time_eviction_of_one_prompt_equals_eager_decoding_in_place(tiny_
         assert live_positions(static_layer) == live_positions(eager_layer)
 
 
+@pytest.mark.parametrize("budget", [3, 16])  # 3 tokens: fewer than the 4 attention sinks, so new tokens become sinks
+def test_streamingllm_sinks_in_static_buffers(tiny_dirs, processors, budget):
+    """Static StreamingLLM fixes each layer's sink slots at its first step (`_static_sinks`); a layer holding
+    no more tokens than sinks finds them every step instead. Both keep eager decoding's tokens and windows."""
+    inputs = image_inputs(processors["qwen2_vl"], QUESTIONS)
+    eager_model, static_model = (load(tiny_dirs["qwen2_vl"], "streamingllm", budget, cuda_graphs=graphs)
+                                 for graphs in (False, True))
+    eager_cache, static_cache = eager_model.make_cache(), static_model.make_cache()
+    assert_same_decoding(greedy(static_model, inputs, past_key_values=static_cache),
+                         greedy(eager_model, inputs, past_key_values=eager_cache))
+    fixed = [sinks is not None for sinks in static_cache._sinks.values()]
+    assert len(fixed) == len(static_cache.layers) and all(fixed) == (budget > 4) and any(fixed) == (budget > 4)
+    for static_layer, eager_layer in zip(static_cache.layers, eager_cache.layers):
+        assert live_positions(static_layer) == live_positions(eager_layer)
+
+
 @pytest.mark.parametrize("prune", ["fastv", "visionzip"])
 def test_static_decoding_composes_with_token_pruning(tiny_dirs, processors, static_steps, prune):
     arch = "qwen2_vl"

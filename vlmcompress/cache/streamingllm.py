@@ -12,6 +12,11 @@ import torch
 from .base import PROTECTED, CompressedCache, DecodeContext, PromptContext
 
 
+def _first_valid(valid: torch.Tensor, count: int) -> torch.Tensor:
+    """`[b, h, n]` True on the first `count` valid slots of each row."""
+    return valid & (valid.long().cumsum(-1) <= count)
+
+
 def _recency_scores(positions: torch.Tensor, valid: torch.Tensor, sink_tokens: int,
                     sinks_first: bool = True) -> torch.Tensor:
     """Sinks (the `sink_tokens` valid slots of lowest position) first, then the newest: `[b, h, n]` float64.
@@ -21,7 +26,7 @@ def _recency_scores(positions: torch.Tensor, valid: torch.Tensor, sink_tokens: i
     empty slot before them, so there (False) the sinks are found by position.
     """
     if sinks_first:
-        sinks = valid & (valid.long().cumsum(-1) <= sink_tokens)
+        sinks = _first_valid(valid, sink_tokens)
     elif sink_tokens == 0:
         sinks = torch.zeros_like(valid)
     else:
@@ -41,6 +46,7 @@ class StreamingLLMCache(CompressedCache):
         if not isinstance(sink_tokens, int) or sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
         self.sink_tokens = sink_tokens
+        self._sinks: dict[int, torch.Tensor | None] = {}  # static decoding's fixed sink slots, by layer
 
     def score(self, ctx: PromptContext) -> torch.Tensor:
         b, h, n, _ = ctx.keys.shape
@@ -51,4 +57,20 @@ class StreamingLLMCache(CompressedCache):
     def decode_scores(self, ctx: DecodeContext) -> torch.Tensor:
         layer = ctx.layer
         valid = layer.slot_valid if layer.slot_valid is not None else torch.ones_like(layer.positions, dtype=torch.bool)
-        return _recency_scores(layer.positions, valid, self.sink_tokens, sinks_first=layer.write_offset is None)
+        if layer.write_offset is None:
+            return _recency_scores(layer.positions, valid, self.sink_tokens)
+        sinks = self._static_sinks(ctx.module.layer_idx, layer, valid)
+        if sinks is None:
+            return _recency_scores(layer.positions, valid, self.sink_tokens, sinks_first=False)
+        position = layer.positions.double()
+        return torch.where(sinks, PROTECTED - position, position)
+
+    def _static_sinks(self, layer_idx: int, layer, valid: torch.Tensor) -> torch.Tensor | None:
+        """The sink slots of a statically decoding layer, found at its first step (before any capture) and
+        fixed after: a row holding more than `sink_tokens` tokens never evicts its sinks nor makes new ones.
+        None if some row holds fewer (its next tokens become sinks): those layers find them every step."""
+        if layer_idx not in self._sinks:
+            # First static step: the prompt's slots are in order and the one new token comes after them.
+            enough = bool((valid.sum(-1) > self.sink_tokens).all())
+            self._sinks[layer_idx] = _first_valid(valid, self.sink_tokens) if enough else None
+        return self._sinks[layer_idx]
