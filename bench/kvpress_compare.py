@@ -47,14 +47,15 @@ def main():
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        # kvpress imports `datasets.load_dataset` at package import for two presses we do not use
-        # (DuoAttention, ExpectedAttention statistics); the GPU image has no `datasets`.
-        import types
+    import types
 
-        sys.modules["datasets"] = types.SimpleNamespace(load_dataset=None)
+    # kvpress imports these at package import for presses and command lines we do not use (DuoAttention,
+    # ExpectedAttention statistics); the GPU image has neither.
+    for module, names in (("datasets", {"load_dataset": None}), ("fire", {"Fire": None})):
+        try:
+            __import__(module)
+        except ImportError:
+            sys.modules[module] = types.SimpleNamespace(**names)
     import kvpress
     from real_models import QWEN2_7B
     from vlmcompress.cache import PyramidKVCache, SnapKVCache, StreamingLLMCache
