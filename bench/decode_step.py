@@ -18,7 +18,6 @@ CUDA only.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import platform
@@ -109,12 +108,6 @@ class StepRecorder:
                 "kernels": {k: {"per_step": round(c, 1), "ms": round(us / 1e3, 3)} for k, (c, us) in kinds.items()}}
 
 
-def fused_rms_norm(module, hidden):
-    """transformers' RMSNorm (float32 statistics, rounded to the input's dtype, then the weight) in one
-    `torch.rms_norm` kernel and one multiply, instead of eight kernels."""
-    return module.weight * torch.rms_norm(hidden, (hidden.shape[-1],), eps=module.variance_epsilon)
-
-
 def kernel_kind(name: str) -> str:
     lowered = name.lower()
     if any(tag in lowered for tag in ("nvjet", "gemm", "cutlass", "gemv", "splitk")):
@@ -132,7 +125,6 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--stop-check", default="sync,deferred")
-    parser.add_argument("--fused-norm", default="off", help="comma-separated: off, on (RMSNorm as torch.rms_norm)")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -147,14 +139,7 @@ def main(argv=None) -> list[dict]:
     inputs = make_inputs(processor, "hires", args.batch).to(device)
     recorder = StepRecorder()
     rows = []
-    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")]
-    for spec, stop_check, fused in itertools.product(args.methods.split(","), args.stop_check.split(","),
-                                                     args.fused_norm.split(",")):
-        for norm in norms:
-            if fused == "on":
-                norm.forward = functools.partial(fused_rms_norm, norm)
-            else:
-                vars(norm).pop("forward", None)
+    for spec, stop_check in itertools.product(args.methods.split(","), args.stop_check.split(",")):
         if stop_check not in ("sync", "deferred"):
             raise SystemExit(f"unknown --stop-check {stop_check!r}; choose sync or deferred")
         method = parse_method(spec)
@@ -171,7 +156,7 @@ def main(argv=None) -> list[dict]:
         recorder.reset()
         total, _ = timed(lambda: generate(args.new_tokens), device)
         row = {"model": args.model, "method": spec, "budget": budget, "batch": args.batch,
-               "stop_check": stop_check, "fused_norm": fused, "step_ms": (total - first) / (args.new_tokens - 1) * 1e3,
+               "stop_check": stop_check, "step_ms": (total - first) / (args.new_tokens - 1) * 1e3,
                **recorder.split(), **recorder.replay()}
         row["kv_bytes"] = model.compression_stats["kv_bytes"]
         floor = decode_floor(model, row, args.new_tokens, bandwidth)
