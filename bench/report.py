@@ -19,13 +19,13 @@ COLUMNS = ["model", "input", "batch", "method", "decode", "budget", "prompt", "v
 
 def load(paths):
     """`(file name, run)` for every `bench.py` run in `paths`: a file holds one run (its command, machine and
-    rows) or several under "runs". Files of the other scripts (kvpress_compare, sparse24, multi_gpu) have
-    their own layouts and are skipped with a note on stderr."""
+    rows) or several under "runs". Files of the other scripts (kvpress_compare, decode_step, sparse24,
+    multi_gpu) have their own layouts and are skipped with a note on stderr."""
     runs = []
     for path in paths:
         data = json.loads(Path(path).read_text())
         found = [run for run in data.get("runs", [data]) if "command" in run and "rows" in run
-                 and all("model" in row and "method" in row for row in run["rows"])]
+                 and all("model" in row and "method" in row and "input" in row for row in run["rows"])]
         if not found:
             print(f"{path}: not a bench.py result, skipped", file=sys.stderr)
         runs += [(Path(path).name, run) for run in found]
@@ -82,11 +82,12 @@ def plot(runs, path: str, model="qwen2_vl_7b", batch=8):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4))
     # Decode speed as a ratio to the uncompressed row of the same run and decoding path: runs on the same
     # machine spread by +-15 % in absolute tokens/s, the ratio within a run does not carry that spread.
     series: dict[tuple, dict] = {}  # (method, decoding path) -> {budget: (row, its run's baseline)}
-    baseline_kv = None
+    baseline = None
+    devices = set()
     for _, data in runs:
         for row in data["rows"]:
             if ("error" in row or row["model"] != model or row["batch"] != batch or row["input"] != "hires"
@@ -95,7 +96,9 @@ def plot(runs, path: str, model="qwen2_vl_7b", batch=8):
             base = baseline_of(data["rows"], row)
             if base is None:
                 continue
-            baseline_kv = base["kv_bytes"]
+            if decode_path(base) == "eager":
+                baseline = base
+            devices.add(data.get("machine", {}).get("device", "GPU"))
             points = series.setdefault((row["method"], decode_path(row)), {})
             earlier = points.get(row["budget"])
             if earlier is None or "decode" in row or "decode" not in earlier[0]:
@@ -105,22 +108,30 @@ def plot(runs, path: str, model="qwen2_vl_7b", batch=8):
         budgets = sorted(by_budget)
         pairs = [by_budget[b] for b in budgets]
         label = method + (" (CUDA graphs)" if decoding == "graphs" else "")
+        style = "-" if decoding == "graphs" else "--"
         left.plot(budgets, [row["decode_tok_s"] / base["decode_tok_s"] for row, base in pairs],
-                  "-" if decoding == "graphs" else "--", marker="o", color=colors[method], label=label)
+                  style, marker="o", color=colors[method], label=label)
+        peaks = [(budget, row["peak_gb"]) for budget, (row, _) in zip(budgets, pairs) if row.get("peak_gb")]
+        if peaks:  # CPU runs measure no peak
+            middle.plot(*zip(*peaks), style, marker="o", color=colors[method], label=label)
         if decoding == "eager":
             right.plot(budgets, [row["kv_bytes"] / 2**20 for row, _ in pairs], marker="o", color=colors[method],
                        label=label)
     left.axhline(1.0, color="black", linestyle=":", label="uncompressed, same decoding")
-    if baseline_kv:
-        right.axhline(baseline_kv / 2**20, color="black", linestyle="--", label="uncompressed")
-    for axis, label in ((left, "decode speed ÷ uncompressed (same run)"), (right, "KV cache after prefill (MiB)")):
+    if baseline:
+        if baseline.get("peak_gb"):
+            middle.axhline(baseline["peak_gb"], color="black", linestyle=":", label="uncompressed")
+        right.axhline(baseline["kv_bytes"] / 2**20, color="black", linestyle=":", label="uncompressed")
+    for axis, label in ((left, "decode speed ÷ uncompressed (same run)"), (middle, "peak GPU memory (GB)"),
+                        (right, "KV cache after prefill (MiB)")):
         axis.set_xscale("log")
         axis.set_xlabel("budget (share of prompt tokens kept)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     right.set_yscale("log")
     left.legend(fontsize=8)
-    fig.suptitle(f"{model}, batch {batch}, one high-resolution image (H100, random bf16 weights)")
+    fig.suptitle(f"{model}, batch {batch}, one high-resolution image ({', '.join(sorted(devices))}, "
+                 "random bf16 weights)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -76,12 +76,12 @@ def test_report_reads_every_bench_run_and_skips_other_result_files(tmp_path, cap
 def test_report_plot_draws_both_decoding_paths_against_their_own_baseline(tmp_path):
     import report
 
-    def row(method, decode, budget, tok_s, kv):
+    def row(method, decode, budget, tok_s, kv, peak):
         return {"model": "qwen2_vl_7b", "input": "hires", "batch": 8, "method": method, "budget": budget,
-                "decode": decode, "decode_tok_s": tok_s, "kv_bytes": kv}
+                "decode": decode, "decode_tok_s": tok_s, "kv_bytes": kv, "peak_gb": peak}
 
-    rows = [row("none", "eager", None, 400.0, 1000), row("snapkv", "eager", 0.1, 420.0, 100),
-            row("none", "graphs", None, 700.0, 1000), row("snapkv", "graphs", 0.1, 840.0, 100)]
+    rows = [row("none", "eager", None, 400.0, 1000, 20.0), row("snapkv", "eager", 0.1, 420.0, 100, 19.0),
+            row("none", "graphs", None, 700.0, 1000, 20.1), row("snapkv", "graphs", 0.1, 840.0, 100, None)]
     target = tmp_path / "plot.png"
     report.plot([("run.json", {"command": "x", "rows": rows})], str(target))
     assert target.read_bytes().startswith(b"\x89PNG")
