@@ -190,7 +190,9 @@ class CompressedLayer(DynamicLayer):
         Made once: later calls (the room of the prefill-only layers ran out) only move the position base."""
         if self.write_offset is None:
             b, h, held, _ = self.keys.shape
-            empty = int(self.capacity.max()) + 1 - held  # >= 1: a layer holds at most its capacity after prefill
+            # A layer holds at most its capacity after prefill; after an earlier turn it may hold more slots,
+            # the extra ones invalid, which serve as empty slots.
+            empty = max(1, int(self.capacity.max()) + 1 - held)
             valid = self.slot_valid
             if valid is None:
                 valid = self.keys.new_ones(b, h, held, dtype=torch.bool)
@@ -205,6 +207,19 @@ class CompressedLayer(DynamicLayer):
             self.free_slot = torch.full((b, h), held, dtype=torch.long, device=self.keys.device)
             self._validity_room = self._mask_room = None
         self.write_offset = write_offset
+
+    def end_static(self, filled: int) -> None:
+        """Back to the dynamic form after static decoding, so that a next turn can append to it: a layer that
+        does not evict keeps its first `filled` slots (the room's unwritten rest goes), one that evicts keeps
+        its buffers, the slot it retired last left invalid."""
+        if self.free_slot is None:
+            self.keys, self.values = self.keys[:, :, :filled], self.values[:, :, :filled]
+            self.slot_valid = self.slot_valid[..., :filled]
+        self.free_slot = None
+        if bool(self.slot_valid.all()):
+            self.slot_valid = None
+        self._validity_room = self._mask_room = None
+        self.static_base, self.write_offset = 0, None
 
     def static_slot(self) -> torch.Tensor:
         """`[1]`: the slot the current static decoding step writes (for a layer that does not evict)."""
@@ -544,6 +559,13 @@ class CompressedCache(DynamicCache):
             layer.make_static(filled, room, write_offset)
         if not self._mask_handles:
             self._register_mask_hooks(language_model_of(self._attached_to()))
+
+    def end_static(self, steps_written: int) -> None:
+        """After a `generate` decoded statically: every layer back to its dynamic form (`CompressedLayer.end_static`),
+        keeping the `steps_written` tokens written since its room was last made."""
+        for layer in self.layers:
+            if layer.write_offset is not None:
+                layer.end_static(layer.static_base + steps_written)
 
     @property
     def is_croppable(self) -> bool:

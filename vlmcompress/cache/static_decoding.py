@@ -71,6 +71,8 @@ class StaticDecoding:
         self.cache.static_decoding = None
         self.graph = self.graph_output = None
         self.inputs = {}
+        if self.write_offset is not None:  # the cache may serve a next turn: give it back its dynamic form
+            self.cache.end_static(self.steps_written)
 
     def undo_steps(self, steps: int) -> None:
         """Forget the last `steps` decoding steps: their slots are masked again and the positions go back.

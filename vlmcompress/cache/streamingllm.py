@@ -65,6 +65,10 @@ class StreamingLLMCache(CompressedCache):
         position = layer.positions.double()
         return torch.where(sinks, PROTECTED - position, position)
 
+    def end_static(self, steps_written: int) -> None:
+        super().end_static(steps_written)
+        self._sinks.clear()  # a next turn may compact the slots
+
     def _static_sinks(self, layer_idx: int, layer, valid: torch.Tensor) -> torch.Tensor | None:
         """The sink slots of a statically decoding layer, found at its first step (before any capture) and
         fixed after: a row holding more than `sink_tokens` tokens never evicts its sinks nor makes new ones.
