@@ -1,0 +1,95 @@
+"""Time the prefill scoring of SnapKV and VL-Cache for one layer, at a real model's shapes, by chunk size.
+
+    python bench/scoring.py --batch 8 --keys 7473 --post 75 --chunks 26,24,23,22
+
+The scoring pass (`vlmcompress.cache.attention.attention_chunks`) makes the attention of a few queries over
+every key in chunks of at most 2**k scores; smaller chunks keep a chunk's scores in the L2 cache for the
+reductions that follow the softmax (column sums, VL-Cache's row maxima and dense-entry counts), at the
+cost of more kernel launches. Shapes default to LLaVA-OneVision-7B's language model (Qwen2-7B: 28 query
+heads, 4 KV heads, head dim 128) on its 7473-token hires prompt with 75 post-vision queries. CUDA only;
+bf16 inputs, medians of CUDA-event timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vlmcompress.cache.attention import accumulated_attention, attention_chunks, received_attention  # noqa: E402
+
+
+def vlcache_pass(queries, keys, scaling, max_elements, threshold=0.01):
+    """VL-Cache's per-layer scoring (`VLCacheCache.score`): column sums, and dense entries per row."""
+    scores, dense = None, 0
+    for _, probs in attention_chunks(queries, keys, scaling, max_elements=max_elements):
+        part = received_attention(probs)
+        scores = part if scores is None else scores + part
+        row_max = probs.amax(dim=-1)
+        dense = dense + ((probs >= threshold * row_max[..., None]).sum(dim=-1) * (row_max > 0)).sum(dim=(1, 2, 3))
+    return scores, dense
+
+
+def median_ms(fn, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--keys", type=int, default=7473)
+    parser.add_argument("--post", type=int, default=75, help="VL-Cache's post-vision queries")
+    parser.add_argument("--window", type=int, default=32, help="SnapKV's observation window")
+    parser.add_argument("--heads", type=int, default=28)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--chunks", default="26,24,23,22", help="comma-separated k: chunks of at most 2**k scores")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("scoring.py times CUDA kernels: it needs a CUDA device")
+    command = "python bench/scoring.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    machine = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version()}
+    print(f"# {command}\n# {json.dumps(machine)}", flush=True)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    keys = torch.randn(args.batch, args.kv_heads, args.keys, args.head_dim, device="cuda", generator=generator,
+                       dtype=torch.bfloat16)
+    queries = torch.randn(args.batch, args.heads, args.post, args.head_dim, device="cuda", generator=generator,
+                          dtype=torch.bfloat16)
+    scaling = args.head_dim ** -0.5
+    reference = vlcache_pass(queries, keys, scaling, 1 << 26)
+    window = queries[:, :, -args.window:]
+    rows = [{"method": "snapkv", "chunk_log2": 26, "ms": median_ms(lambda: accumulated_attention(window, keys, scaling))}]
+    print(json.dumps(rows[-1]), flush=True)
+    for k in map(int, args.chunks.split(",")):
+        scores, dense = vlcache_pass(queries, keys, scaling, 1 << k)
+        torch.testing.assert_close(scores, reference[0], rtol=1e-5, atol=1e-6)  # chunking changes no result
+        assert torch.equal(dense, reference[1])
+        rows.append({"method": "vlcache", "chunk_log2": k,
+                     "ms": median_ms(lambda: vlcache_pass(queries, keys, scaling, 1 << k))})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
