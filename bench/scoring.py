@@ -81,8 +81,10 @@ def main(argv=None) -> list[dict]:
     print(json.dumps(rows[-1]), flush=True)
     for k in map(int, args.chunks.split(",")):
         scores, dense = vlcache_pass(queries, keys, scaling, 1 << k)
-        torch.testing.assert_close(scores, reference[0], rtol=1e-5, atol=1e-6)  # chunking changes no result
-        assert torch.equal(dense, reference[1])
+        # Chunking changes no formula, but cuBLAS picks its kernels by shape: logits may round differently,
+        # which moves a score by float32 rounding and an entry right at the threshold across it.
+        torch.testing.assert_close(scores, reference[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dense.double(), reference[1].double(), rtol=1e-4, atol=0)
         rows.append({"method": "vlcache", "chunk_log2": k,
                      "ms": median_ms(lambda: vlcache_pass(queries, keys, scaling, 1 << k))})
         print(json.dumps(rows[-1]), flush=True)
