@@ -16,6 +16,7 @@ import vlmcompress
 from vlmcompress.cache import SnapKVCache, streamingllm
 from vlmcompress.cache.base import language_model_of
 from vlmcompress.cache.static_decoding import StaticDecoding
+from vlmcompress.models import pruning_points
 from vlmcompress.testing import ARCHITECTURES
 
 OPTIONS = {"snapkv": {"window_size": 4}, "pyramidkv": {"window_size": 4}, "vlcache": {"window_size": 4}}
@@ -159,13 +160,21 @@ def test_streamingllm_sinks_in_static_buffers(tiny_dirs, processors, monkeypatch
 
 
 @pytest.mark.parametrize("prune", ["fastv", "visionzip"])
-def test_static_decoding_composes_with_token_pruning(tiny_dirs, processors, static_steps, prune):
+def test_static_decoding_composes_with_token_pruning(tiny_dirs, processors, static_steps, monkeypatch, prune):
     arch = "qwen2_vl"
     inputs = image_inputs(processors[arch], QUESTIONS)
     options = dict(prune=prune, prune_budget=0.5)
     eager = greedy(load(tiny_dirs[arch], "snapkv", **options), inputs)
+    # FastV's layers build their own mask while decoding eagerly; a captured step may not (it reads the mask
+    # on the host), and needs not: the cache masks them
+    masks_built = []
+    original = pruning_points.attention_mask_for
+    monkeypatch.setattr(pruning_points, "attention_mask_for",
+                        lambda config, key_valid, query_length, dtype: masks_built.append(query_length) or
+                        original(config, key_valid, query_length, dtype))
     static = greedy(load(tiny_dirs[arch], "snapkv", cuda_graphs=True, **options), inputs)
     assert_same_decoding(static, eager)
+    assert 1 not in masks_built  # none for a decoding step
     assert len(static_steps) == NEW_TOKENS - 1
 
 
@@ -213,11 +222,14 @@ def test_bad_values_are_refused(tiny_dirs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("method", [None, "snapkv", "vlcache", "h2o", "streamingllm"])
-def test_cuda_graph_replays_equal_the_same_static_steps_run_eagerly(tiny_dirs, processors, monkeypatch, method):
+@pytest.mark.parametrize("method, prune", [(None, None), ("snapkv", None), ("vlcache", None), ("h2o", None),
+                                           ("streamingllm", None), ("snapkv", "fastv"), ("snapkv", "visionzip")])
+def test_cuda_graph_replays_equal_the_same_static_steps_run_eagerly(tiny_dirs, processors, monkeypatch, method,
+                                                                     prune):
     arch = "llava_onevision"
     inputs = image_inputs(processors[arch], QUESTIONS).to("cuda")
-    model = load(tiny_dirs[arch], method, cuda_graphs=True, device_map="cuda")
+    pruning = dict(prune=prune, prune_budget=0.5) if prune else {}
+    model = load(tiny_dirs[arch], method, cuda_graphs=True, device_map="cuda", **pruning)
     runners = []
     original_install = StaticDecoding.install
 

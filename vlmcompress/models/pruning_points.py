@@ -503,6 +503,10 @@ def _pruned_layer_pre_hook(runtime: PruningRuntime, layer, args, kwargs):
         if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == full:
             kwargs["position_ids"] = gather_sequence(position_ids, st.index, -1)
         key_valid = st.valid
+    elif getattr(passed_cache(kwargs), "static_decoding", None) is not None:
+        # Static decoding masks every attention from the cache's own buffers, and a captured step may not
+        # read a device value on the host, as building this mask would.
+        return None
     else:
         new = torch.ones(hidden.shape[0], hidden.shape[1], dtype=torch.bool, device=hidden.device)
         generated = st.mask2d[:, full:].bool() if st.mask2d is not None else new
