@@ -7,7 +7,7 @@ every key in chunks of at most 2**k scores; smaller chunks keep a chunk's scores
 reductions that follow the softmax (column sums, VL-Cache's row maxima and dense-entry counts), at the
 cost of more kernel launches. Shapes default to LLaVA-OneVision-7B's language model (Qwen2-7B: 28 query
 heads, 4 KV heads, head dim 128) on its 7473-token hires prompt with 75 post-vision queries. CUDA only;
-bf16 inputs, medians of CUDA-event timings.
+bf16 inputs, medians of CUDA-event timings (`sparse24.cuda_time`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import argparse
 import json
 import platform
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
+from sparse24 import cuda_time  # noqa: E402
 from vlmcompress.cache.attention import accumulated_attention, attention_chunks, received_attention  # noqa: E402
 
 
@@ -36,20 +36,6 @@ def vlcache_pass(queries, keys, scaling, max_elements, threshold=0.01):
         row_max = probs.amax(dim=-1)
         dense = dense + ((probs >= threshold * row_max[..., None]).sum(dim=-1) * (row_max > 0)).sum(dim=(1, 2, 3))
     return scores, dense
-
-
-def median_ms(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main(argv=None) -> list[dict]:
@@ -77,7 +63,8 @@ def main(argv=None) -> list[dict]:
     scaling = args.head_dim ** -0.5
     reference = vlcache_pass(queries, keys, scaling, 1 << 26)
     window = queries[:, :, -args.window:]
-    rows = [{"method": "snapkv", "chunk_log2": 26, "ms": median_ms(lambda: accumulated_attention(window, keys, scaling))}]
+    snapkv_ms = 1e3 * cuda_time(lambda: accumulated_attention(window, keys, scaling))
+    rows = [{"method": "snapkv", "chunk_log2": 26, "ms": snapkv_ms}]
     print(json.dumps(rows[-1]), flush=True)
     for k in map(int, args.chunks.split(",")):
         scores, dense = vlcache_pass(queries, keys, scaling, 1 << k)
@@ -86,7 +73,7 @@ def main(argv=None) -> list[dict]:
         torch.testing.assert_close(scores, reference[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(dense.double(), reference[1].double(), rtol=1e-4, atol=0)
         rows.append({"method": "vlcache", "chunk_log2": k,
-                     "ms": median_ms(lambda: vlcache_pass(queries, keys, scaling, 1 << k))})
+                     "ms": 1e3 * cuda_time(lambda: vlcache_pass(queries, keys, scaling, 1 << k))})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))

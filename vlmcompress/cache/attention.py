@@ -110,7 +110,8 @@ def attention_chunks(
         valid = (key_valid if key_valid.dim() == 3 else key_valid[:, None]).to(keys.device)
         bias.masked_fill_(~valid[:, :, None], float("-inf"))
     bias = bias.view(b * kv_heads, 1, n)
-    tail = torch.ones(q_len, q_len, dtype=torch.bool, device=keys.device).tril()  # query row -> its keys among the last q
+    # row r of the queries sees the first r + 1 of the last q keys (itself included)
+    tail = torch.ones(q_len, q_len, dtype=torch.bool, device=keys.device).tril()
     some_rows_out = query_valid is not None and not bool(query_valid.all())
     step = max(1, max_elements // max(1, b * num_heads * n))
     for start in range(0, q_len, step):
