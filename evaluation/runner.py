@@ -29,8 +29,9 @@ from .tasks.formats import AGGREGATIONS, SCORERS, loyalty_references
 
 log = logging.getLogger("evaluation")
 
-# model_args keys that say which model and how to run it; everything else is compression
-BASE_KEYS = ("pretrained", "dtype", "device_map", "attn_implementation")
+# model_args keys that say which model and how to run it, for every config (the baseline too); everything
+# else is compression. cuda_graphs is a decoding path (static decoding), not a compression.
+BASE_KEYS = ("pretrained", "dtype", "device_map", "attn_implementation", "cuda_graphs")
 FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl")
 
 

@@ -275,3 +275,27 @@ def test_default_run_falls_back_to_the_tiny_model_and_says_so(tmp_path, monkeypa
     d = default.prepare(tmp_path / "home", echo=False)
     assert d["mode"] == "tiny" and "TINY RANDOM-WEIGHT qwen2_vl" in d["header"]
     assert str(tmp_path / "none" / "qwen2_vl" / "model.safetensors") in d["header"]
+
+
+def test_cuda_graphs_is_a_decoding_path_for_every_config(env, tmp_path, monkeypatch):
+    """`cuda_graphs=true` in --model_args decodes every config statically, the baseline included, under the
+    same run names, and predicts what eager decoding predicts."""
+    from vlmcompress.cache.static_decoding import StaticDecoding
+
+    static_caches = []  # the cache class of every statically decoded generate
+    original = StaticDecoding.install
+    monkeypatch.setattr(StaticDecoding, "install",
+                        lambda self: static_caches.append(type(self.cache).__name__) or original(self))
+    runs = {}
+    for path, extra in (("eager", ""), ("graphs", ",cuda_graphs=true")):
+        runs[path] = cli.main(argv(env, tmp_path / path, "--log_samples", model_args="kv=snapkv,kv_budget=0.5" + extra))
+        if path == "eager":
+            assert not static_caches
+    assert set(static_caches) == {"FullCache", "SnapKVCache"}  # the baseline too
+    assert [r["name"] for r in runs["graphs"]] == [r["name"] for r in runs["eager"]] == ["baseline",
+                                                                                           "kv=snapkv,kv_budget=0.5"]
+    for eager_file, graphs_file in zip(sorted((tmp_path / "eager").glob("samples_*.jsonl")),
+                                       sorted((tmp_path / "graphs").glob("samples_*.jsonl"))):
+        eager = [json.loads(line) for line in eager_file.read_text().splitlines()]
+        graphs = [json.loads(line) for line in graphs_file.read_text().splitlines()]
+        assert [s["prediction"] for s in graphs] == [s["prediction"] for s in eager]
