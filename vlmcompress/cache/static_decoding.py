@@ -176,10 +176,10 @@ class FusedRMSNorms:
     """Within a static decoding step, the language model's RMSNorms run as `fused_rms_norm`: two kernels
     instead of the eight of transformers' formula. A graphed step is otherwise a quarter small elementwise
     kernels (docs/benchmarks.md); this takes 12 of the ~40 per layer. A norm class is fused only if its own
-    forward gives the same result on a random input (checked once per class), so a norm computing something
+    forward gives the same result on a random input (checked once per class and dtype), so a norm computing something
     else (Gemma's `1 + weight`, say) keeps its forward."""
 
-    _agrees: dict[type, bool] = {}
+    _agrees: dict[tuple[type, torch.dtype], bool] = {}
 
     def __init__(self, language_model: torch.nn.Module):
         self.norms = [module for module in language_model.modules() if self._fusable(module)]
@@ -190,14 +190,15 @@ class FusedRMSNorms:
         if not (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
                 and isinstance(weight, torch.Tensor) and weight.dim() == 1):
             return False
-        if type(module) not in cls._agrees:
+        key = (type(module), weight.dtype)
+        if key not in cls._agrees:
             with torch.no_grad():
                 probe = torch.randn(2, weight.numel(), generator=torch.Generator().manual_seed(0)) * 3
                 probe = probe.to(weight.device, weight.dtype)
                 expected, fused = module(probe), fused_rms_norm(module, probe)
                 tolerance = 1e-5 if weight.dtype == torch.float32 else 2e-2
-            cls._agrees[type(module)] = torch.allclose(fused, expected, rtol=tolerance, atol=tolerance)
-        return cls._agrees[type(module)]
+            cls._agrees[key] = torch.allclose(fused, expected, rtol=tolerance, atol=tolerance)
+        return cls._agrees[key]
 
     def __enter__(self):
         for norm in self.norms:
