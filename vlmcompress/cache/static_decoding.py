@@ -174,10 +174,10 @@ def fused_rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 class FusedRMSNorms:
     """Within a static decoding step, the language model's RMSNorms run as `fused_rms_norm`: two kernels
-    instead of the eight of transformers' formula. A graphed step is otherwise a quarter small elementwise
-    kernels (docs/benchmarks.md); this takes 12 of the ~40 per layer. A norm class is fused only if its own
-    forward gives the same result on a random input (checked once per class and dtype), so a norm computing something
-    else (Gemma's `1 + weight`, say) keeps its forward."""
+    instead of the eight of transformers' formula. Small elementwise kernels are a quarter of a graphed step
+    (docs/benchmarks.md); this takes 12 of the ~40 per layer. A norm class is fused only if its own forward
+    gives the same result on a random input (checked once per class and dtype), so a norm computing
+    something else (Gemma's `1 + weight`, say) keeps its forward."""
 
     _agrees: dict[tuple[type, torch.dtype], bool] = {}
 
