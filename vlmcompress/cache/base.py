@@ -88,6 +88,11 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive form of a boolean attention mask: 0 where attending is allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def visual_token_ids(config) -> list[int]:
     ids = []
     for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
@@ -270,8 +275,7 @@ class CompressedLayer(DynamicLayer):
     def static_decode_mask(self, dtype: torch.dtype, groups: int) -> torch.Tensor:
         """`[b, h * groups, 1, slots]` additive mask of the static buffers: 0 on filled slots (the step's own
         included, marked valid before the step), the dtype's minimum on padding and unfilled room."""
-        mask = torch.zeros(self.slot_valid[:, :, None].shape, dtype=dtype, device=self.slot_valid.device)
-        mask.masked_fill_(~self.slot_valid[:, :, None], torch.finfo(dtype).min)
+        mask = additive_mask(self.slot_valid[:, :, None], dtype)
         return mask if groups == 1 else mask.repeat_interleave(groups, dim=1)
 
     def validity_with_room(self, new: int) -> torch.Tensor:
@@ -294,8 +298,7 @@ class CompressedLayer(DynamicLayer):
         minimum where not; a view of `_mask_room`."""
         room = self.validity_with_room(1)
         if self._mask_room is None or self._mask_room.dtype != dtype:
-            self._mask_room = torch.zeros(room[:, :, None].shape, dtype=dtype, device=room.device).masked_fill_(
-                ~room[:, :, None], torch.finfo(dtype).min)
+            self._mask_room = additive_mask(room[:, :, None], dtype)
         return self._mask_room[..., : self.slot_valid.shape[-1] + 1]
 
     def get_seq_length(self) -> int:
@@ -774,7 +777,7 @@ class CompressedCache(DynamicCache):
         if implementation == GROUPED_SDPA:
             return allowed
         allowed = allowed.repeat_interleave(getattr(module, "num_key_value_groups", 1), dim=1)
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return additive_mask(allowed, dtype)
 
 
 # ----- hooks (module-level so that they hold the cache only weakly) ---------------------------

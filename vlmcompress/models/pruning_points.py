@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache.attention import bind_attention_arguments
-from ..cache.base import CACHE_ARGUMENTS, language_model_of, passed_cache, visual_token_ids
+from ..cache.base import CACHE_ARGUMENTS, additive_mask, language_model_of, passed_cache, visual_token_ids
 from ..grouped_sdpa import GROUPED_SDPA
 from ..pruning import allocate, fastv_keep, get_method, keep_count
 from ..pruning.scores import last_token_attention, vision_scores
@@ -79,8 +79,7 @@ def attention_mask_for(config, key_valid: torch.Tensor, query_length: int, dtype
     slots = torch.arange(kv, device=key_valid.device)
     query_slots = kv - query_length + torch.arange(query_length, device=key_valid.device)
     allowed = key_valid[:, None, None, :] & (slots[None, :] <= query_slots[:, None])[None, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+    return additive_mask(allowed, dtype)
 
 
 # ----- what an architecture says ------------------------------------------------------------------------
