@@ -53,9 +53,9 @@ def load(
             the language model's `vlmcompress_sdpa` (`vlmcompress.grouped_sdpa`).
         cuda_graphs: static decoding (`vlmcompress.cache.static_decoding`): once the prompt is compressed,
             each decoding step replays one CUDA graph instead of launching ~1300 kernels from Python.
-            Takes the methods that do not evict while decoding (snapkv, pyramidkv, vlcache) or kv=None
-            (then the cache keeps every token), and SDPA or eager attention. On the CPU the same static
-            steps run eagerly.
+            Takes every kv= method (h2o and streamingllm evict within fixed buffers) or kv=None (then the
+            cache keeps every token), and SDPA or eager attention. On the CPU the same static steps run
+            eagerly.
         **method_options: options of the chosen methods (e.g. window_size=32, kernel_size=5,
             sink_tokens=4); each goes to the method that takes it, unknown ones are an error.
 
