@@ -2,8 +2,10 @@
 
     python bench/decode_step.py --model qwen2_vl_7b --methods none,snapkv --budget 0.1 --batch 8
 
-For each method and stop-check mode (`--stop-check`: `sync`, transformers' default of reading the finished flag on
-the host every step; `deferred`, vlmcompress's reading of it one step late), it runs `generate` and reports
+For each method, stop-check mode (`--stop-check`: `sync`, transformers' default of reading the finished flag on
+the host every step; `deferred`, vlmcompress's reading of it one step late) and `--compile` mode (`on`: the step's
+norms, rotary embedding and MLP gates compiled by inductor, `vlmcompress.cache.step_kernels`; `off`: eager), it
+runs `generate` and reports
 per decoding step, medians in milliseconds:
   step_ms         wall time of a decoding step of `generate` (all tokens but the first)
   replay_ms       the captured language-model graph replayed back to back, device time (CUDA events)
@@ -35,7 +37,7 @@ import transformers  # noqa: E402
 
 from bench import build_model, decode_floor, hbm_bandwidth, parse_method, timed  # noqa: E402
 from real_models import make_inputs  # noqa: E402
-from vlmcompress.cache import static_decoding  # noqa: E402
+from vlmcompress.cache import static_decoding, step_kernels  # noqa: E402
 from vlmcompress.cache.static_decoding import StaticDecoding  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 
@@ -124,7 +126,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--stop-check", default="sync,deferred")
+    parser.add_argument("--stop-check", default="deferred")
+    parser.add_argument("--compile", default="off,on")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -139,13 +142,16 @@ def main(argv=None) -> list[dict]:
     inputs = make_inputs(processor, "hires", args.batch).to(device)
     recorder = StepRecorder()
     rows = []
-    for spec, stop_check in itertools.product(args.methods.split(","), args.stop_check.split(",")):
-        if stop_check not in ("sync", "deferred"):
-            raise SystemExit(f"unknown --stop-check {stop_check!r}; choose sync or deferred")
+    for spec, stop_check, compiled in itertools.product(args.methods.split(","), args.stop_check.split(","),
+                                                        args.compile.split(",")):
+        if stop_check not in ("sync", "deferred") or compiled not in ("off", "on"):
+            raise SystemExit(f"unknown --stop-check {stop_check!r} or --compile {compiled!r}: choose sync or "
+                             "deferred, off or on")
         method = parse_method(spec)
         budget = args.budget if method["kv"] else None
         options = {"window_size": 32} if "window_size" in accepted_options(method["kv"], None) else {}
         static_decoding.DEFER_STOP_CHECK = stop_check == "deferred"
+        step_kernels.COMPILE = compiled == "on"
         model.compression = build_settings(kv=method["kv"], kv_budget=budget, cuda_graphs=True, **options)
 
         def generate(tokens):
@@ -156,7 +162,7 @@ def main(argv=None) -> list[dict]:
         recorder.reset()
         total, _ = timed(lambda: generate(args.new_tokens), device)
         row = {"model": args.model, "method": spec, "budget": budget, "batch": args.batch,
-               "stop_check": stop_check, "step_ms": (total - first) / (args.new_tokens - 1) * 1e3,
+               "stop_check": stop_check, "compile": compiled, "step_ms": (total - first) / (args.new_tokens - 1) * 1e3,
                **recorder.split(), **recorder.replay()}
         row["kv_bytes"] = model.compression_stats["kv_bytes"]
         floor = decode_floor(model, row, args.new_tokens, bandwidth)

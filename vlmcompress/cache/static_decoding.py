@@ -32,6 +32,7 @@ import torch
 import transformers.generation.utils as generation_utils
 
 from .base import CompressedCache, passed_cache
+from .step_kernels import StepKernels, compile_by_default
 
 ROOM = 256  # decoding steps one static allocation serves when generate's max_new_tokens is unknown
 DEFER_STOP_CHECK = True  # read generate's "all finished" flag one step late (deferred_stop_check)
@@ -46,14 +47,17 @@ class StaticDecoding:
     """
 
     def __init__(self, cache: CompressedCache, language_model: torch.nn.Module, room: int = ROOM,
-                 use_graphs: bool | None = None):
+                 use_graphs: bool | None = None, compile_kernels: bool | None = None):
         if room < 1:
             raise ValueError(f"room must be >= 1 decoding step, got {room}")
         self.cache, self.language_model, self.room = cache, language_model, room
         self.upstream_forward = type(language_model).forward.__get__(language_model)
         self.takes_cache_position = "cache_position" in inspect.signature(self.upstream_forward).parameters
-        self.use_graphs = use_graphs
-        self.fused_norms = FusedRMSNorms(language_model)
+        device = next(language_model.parameters()).device
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        if compile_kernels is None:
+            compile_kernels = self.use_graphs and compile_by_default(device)
+        self.step_kernels = StepKernels(language_model, compile=compile_kernels)
         self.write_offset: torch.Tensor | None = None  # device scalar: the step within the current room
         self.steps_written = 0
         self.inputs: dict[str, torch.Tensor] = {}  # the step's tensor inputs, fixed buffers under a graph
@@ -144,15 +148,14 @@ class StaticDecoding:
     def _step(self, constants: dict):
         for layer in self.cache.layers:  # the new token attends to itself
             layer.start_static_step()
-        with self.fused_norms:
+        with self.step_kernels:
             return self.upstream_forward(**constants, **self.inputs)
 
     def _run(self, constants: dict):
         """This step, eagerly; on CUDA (unless `use_graphs=False`) also captured for the steps after it."""
-        device = self.write_offset.device
-        graphs = device.type == "cuda" if self.use_graphs is None else self.use_graphs
-        if not graphs:
+        if not self.use_graphs:
             return self._step(constants)
+        device = self.write_offset.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # the eager run before a capture, as CUDA graphs need
@@ -164,49 +167,6 @@ class StaticDecoding:
         self.graph = graph
         self.captures += 1
         return output
-
-
-def fused_rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """transformers' RMSNorm, `weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)` with float32 statistics, as
-    one `torch.rms_norm` kernel (which accumulates in float32 and rounds to the input's dtype) and one multiply."""
-    return norm.weight * torch.rms_norm(hidden, (hidden.shape[-1],), eps=norm.variance_epsilon)
-
-
-class FusedRMSNorms:
-    """Within a static decoding step, the language model's RMSNorms run as `fused_rms_norm`: two kernels
-    instead of the eight of transformers' formula. Small elementwise kernels are a quarter of a graphed step
-    (docs/benchmarks.md); this takes 12 of the ~40 per layer. A norm class is fused only if its own forward
-    gives the same result on a random input (checked once per class and dtype), so a norm computing
-    something else (Gemma's `1 + weight`, say) keeps its forward."""
-
-    _agrees: dict[tuple[type, torch.dtype], bool] = {}
-
-    def __init__(self, language_model: torch.nn.Module):
-        self.norms = [module for module in language_model.modules() if self._fusable(module)]
-
-    @classmethod
-    def _fusable(cls, module: torch.nn.Module) -> bool:
-        weight = getattr(module, "weight", None)
-        if not (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
-                and isinstance(weight, torch.Tensor) and weight.dim() == 1):
-            return False
-        key = (type(module), weight.dtype)
-        if key not in cls._agrees:
-            with torch.no_grad():
-                probe = torch.randn(2, weight.numel(), generator=torch.Generator().manual_seed(0)) * 3
-                probe = probe.to(weight.device, weight.dtype)
-                expected, fused = module(probe), fused_rms_norm(module, probe)
-                tolerance = 1e-5 if weight.dtype == torch.float32 else 2e-2
-            cls._agrees[key] = torch.allclose(fused, expected, rtol=tolerance, atol=tolerance)
-        return cls._agrees[key]
-
-    def __enter__(self):
-        for norm in self.norms:
-            norm.forward = functools.partial(fused_rms_norm, norm)
-
-    def __exit__(self, *exc_info):
-        for norm in self.norms:
-            vars(norm).pop("forward", None)
 
 
 @functools.lru_cache(maxsize=None)
