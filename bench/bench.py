@@ -37,7 +37,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import transformers  # noqa: E402
 
 import vlmcompress  # noqa: E402
-from vlmcompress.cache.step_kernels import compile_by_default  # noqa: E402
+from vlmcompress.compilation import compile_by_default  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 from vlmcompress.loading import default_attn_implementation  # noqa: E402
 from vlmcompress.models import MODEL_CLASSES  # noqa: E402
@@ -209,8 +209,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--toy", default=None, help="a tiny checkpoint folder: run on the CPU at toy size")
     parser.add_argument("--decode", default="eager",
                         help="comma-separated decoding paths: eager (transformers' generate), graphs (cuda_graphs=True: "
-                             "static decoding replayed from a CUDA graph, its elementwise kernels compiled where "
-                             "inductor works: machine's compiled_step_kernels)")
+                             "static decoding replayed from a CUDA graph)")
     parser.add_argument("--attn", default=None,
                         help="attn_implementation, e.g. sdpa (transformers' own); default: vlmcompress.load's")
     args = parser.parse_args(argv)
@@ -223,7 +222,7 @@ def main(argv=None) -> list[dict]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "vlmcompress": vlmcompress.__version__,
         "python": platform.python_version(), "attn_implementation": args.attn or default_attn_implementation(),
-        "compiled_step_kernels": compile_by_default(device),
+        "compiled_kernels": compile_by_default(device),
     }
     bandwidth = hbm_bandwidth(device)
     machine["hbm_bandwidth_gb_s"] = bandwidth / 1e9 if bandwidth else None

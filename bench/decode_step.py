@@ -4,8 +4,8 @@
 
 For each method, stop-check mode (`--stop-check`: `sync`, transformers' default of reading the finished flag on
 the host every step; `deferred`, vlmcompress's reading of it one step late) and `--compile` mode (`on`: the step's
-norms, rotary embedding and MLP gates compiled by inductor, `vlmcompress.cache.step_kernels`; `off`: eager), it
-runs `generate` and reports
+norms, rotary embedding and MLP gates compiled by inductor, `vlmcompress.compilation`; `off`: all eager), it runs
+`generate` and reports
 per decoding step, medians in milliseconds:
   step_ms         wall time of a decoding step of `generate` (all tokens but the first)
   replay_ms       the captured language-model graph replayed back to back, device time (CUDA events)
@@ -37,7 +37,8 @@ import transformers  # noqa: E402
 
 from bench import build_model, decode_floor, hbm_bandwidth, parse_method, timed  # noqa: E402
 from real_models import make_inputs  # noqa: E402
-from vlmcompress.cache import static_decoding, step_kernels  # noqa: E402
+from vlmcompress import compilation  # noqa: E402
+from vlmcompress.cache import static_decoding  # noqa: E402
 from vlmcompress.cache.static_decoding import StaticDecoding  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 
@@ -100,14 +101,19 @@ class StepRecorder:
             torch.cuda.synchronize()
         self.kept = None
         kinds: dict[str, list] = {}
+        others = []
         for event in prof.key_averages():
             if event.device_time_total <= 0 or event.key.startswith(("aten::", "cuda")):
                 continue
             kind = kernel_kind(event.key)
             count, micros = kinds.get(kind, (0, 0.0))
             kinds[kind] = (count + event.count / profiled, micros + event.device_time_total / profiled)
+            if kind == "other":
+                others.append((event.count / profiled, event.device_time_total / profiled, event.key[:120]))
         return {"replay_ms": start.elapsed_time(end) / replays,
-                "kernels": {k: {"per_step": round(c, 1), "ms": round(us / 1e3, 3)} for k, (c, us) in kinds.items()}}
+                "kernels": {k: {"per_step": round(c, 1), "ms": round(us / 1e3, 3)} for k, (c, us) in kinds.items()},
+                "top_other": [{"per_step": round(c, 1), "ms": round(us / 1e3, 3), "kernel": name}
+                              for c, us, name in sorted(others, key=lambda o: -o[0])[:15]]}
 
 
 def kernel_kind(name: str) -> str:
@@ -151,7 +157,7 @@ def main(argv=None) -> list[dict]:
         budget = args.budget if method["kv"] else None
         options = {"window_size": 32} if "window_size" in accepted_options(method["kv"], None) else {}
         static_decoding.DEFER_STOP_CHECK = stop_check == "deferred"
-        step_kernels.COMPILE = compiled == "on"
+        compilation.COMPILE = compiled == "on"
         model.compression = build_settings(kv=method["kv"], kv_budget=budget, cuda_graphs=True, **options)
 
         def generate(tokens):

@@ -1,11 +1,12 @@
 """Time the prefill scoring of SnapKV and VL-Cache for one layer, at a real model's shapes, by chunk size.
 
-    python bench/scoring.py --batch 8 --keys 7473 --post 75 --chunks 26,24,23,22
+    python bench/scoring.py --batch 8 --keys 7473 --post 75 --chunks 26,24,23,22 --compile off,on
 
 The scoring pass (`vlmcompress.cache.attention.attention_chunks`) makes the attention of a few queries over
 every key in chunks of at most 2**k scores; smaller chunks keep a chunk's scores in the L2 cache for the
 reductions that follow the softmax (column sums, VL-Cache's row maxima and dense-entry counts), at the
-cost of more kernel launches. Shapes default to LLaVA-OneVision-7B's language model (Qwen2-7B: 28 query
+cost of more kernel launches. `--compile on` reduces each chunk's scores with one compiled function
+(`vlmcompress.compilation`), which never writes the probabilities out, as the library does on CUDA. Shapes default to LLaVA-OneVision-7B's language model (Qwen2-7B: 28 query
 heads, 4 KV heads, head dim 128) on its 7473-token hires prompt with 75 post-vision queries. CUDA only;
 bf16 inputs, medians of CUDA-event timings (`sparse24.cuda_time`).
 """
@@ -13,6 +14,7 @@ bf16 inputs, medians of CUDA-event timings (`sparse24.cuda_time`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import shlex
@@ -24,17 +26,22 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 from sparse24 import cuda_time  # noqa: E402
-from vlmcompress.cache.attention import accumulated_attention, attention_chunks, received_attention  # noqa: E402
+from vlmcompress.cache.attention import accumulated_attention, attention_chunks  # noqa: E402
+from vlmcompress.cache.vlcache import post_vision_statistics  # noqa: E402
+from vlmcompress.compilation import compiled_where_it_works  # noqa: E402
 
 
-def vlcache_pass(queries, keys, scaling, max_elements, threshold=0.01):
+def vlcache_pass(queries, keys, scaling, max_elements, compile, threshold=0.01):
     """VL-Cache's per-layer scoring (`VLCacheCache.score`): column sums, and dense entries per row."""
+    statistics = compiled_where_it_works(post_vision_statistics, keys.device, keys.dtype) if compile else \
+        post_vision_statistics
     scores, dense = None, 0
-    for _, probs in attention_chunks(queries, keys, scaling, max_elements=max_elements):
-        part = received_attention(probs)
+    chunks = attention_chunks(queries, keys, scaling, max_elements=max_elements,
+                              statistics=functools.partial(statistics, threshold=threshold))
+    for _, (part, kept) in chunks:
+        part = part[..., :keys.shape[2]].double()
         scores = part if scores is None else scores + part
-        row_max = probs.amax(dim=-1)
-        dense = dense + ((probs >= threshold * row_max[..., None]).sum(dim=-1) * (row_max > 0)).sum(dim=(1, 2, 3))
+        dense = dense + kept
     return scores, dense
 
 
@@ -48,6 +55,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--chunks", default="26,24,23,22", help="comma-separated k: chunks of at most 2**k scores")
+    parser.add_argument("--compile", default="off,on", help="reduce the scores with compiled statistics (on) or not")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -61,20 +69,22 @@ def main(argv=None) -> list[dict]:
     queries = torch.randn(args.batch, args.heads, args.post, args.head_dim, device="cuda", generator=generator,
                           dtype=torch.bfloat16)
     scaling = args.head_dim ** -0.5
-    reference = vlcache_pass(queries, keys, scaling, 1 << 26)
+    reference = vlcache_pass(queries, keys, scaling, 1 << 26, compile=False)
     window = queries[:, :, -args.window:]
-    snapkv_ms = 1e3 * cuda_time(lambda: accumulated_attention(window, keys, scaling))
-    rows = [{"method": "snapkv", "chunk_log2": 26, "ms": snapkv_ms}]
-    print(json.dumps(rows[-1]), flush=True)
-    for k in map(int, args.chunks.split(",")):
-        scores, dense = vlcache_pass(queries, keys, scaling, 1 << k)
-        # Chunking changes no formula, but cuBLAS picks its kernels by shape: logits may round differently,
-        # which moves a score by float32 rounding and an entry right at the threshold across it.
-        torch.testing.assert_close(scores, reference[0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(dense.double(), reference[1].double(), rtol=1e-4, atol=0)
-        rows.append({"method": "vlcache", "chunk_log2": k,
-                     "ms": 1e3 * cuda_time(lambda: vlcache_pass(queries, keys, scaling, 1 << k))})
+    rows = []
+    for compile in (mode == "on" for mode in args.compile.split(",")):
+        snapkv_ms = 1e3 * cuda_time(lambda: accumulated_attention(window, keys, scaling, compile=compile))
+        rows.append({"method": "snapkv", "compile": compile, "chunk_log2": 26, "ms": snapkv_ms})
         print(json.dumps(rows[-1]), flush=True)
+        for k in map(int, args.chunks.split(",")):
+            scores, dense = vlcache_pass(queries, keys, scaling, 1 << k, compile)
+            # Chunking and compiling change no formula, but kernels differ by shape: a score moves by float32
+            # rounding, and an entry right at the threshold may cross it.
+            torch.testing.assert_close(scores, reference[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(dense.double(), reference[1].double(), rtol=1e-4, atol=0)
+            rows.append({"method": "vlcache", "compile": compile, "chunk_log2": k,
+                         "ms": 1e3 * cuda_time(lambda: vlcache_pass(queries, keys, scaling, 1 << k, compile))})
+            print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
     return rows

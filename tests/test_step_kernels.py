@@ -10,7 +10,8 @@ from conftest import image_inputs
 from test_static_decoding import QUESTIONS, assert_same_decoding, greedy, load
 
 import vlmcompress
-from vlmcompress.cache import static_decoding, step_kernels
+from vlmcompress import compilation
+from vlmcompress.cache import static_decoding
 from vlmcompress.cache.base import language_model_of
 from vlmcompress.cache.step_kernels import StepKernels, gated_mlp, rms_norm, silu_gate
 from vlmcompress.testing import ARCHITECTURES
@@ -50,8 +51,8 @@ def compiled_calls(monkeypatch):
             return compiled(*args, **kwargs)
         return counted
 
-    monkeypatch.setattr(step_kernels, "compiled", counting_compile)
-    monkeypatch.setattr(step_kernels, "compiler_works", lambda *args: True)
+    monkeypatch.setattr(compilation, "compiled", counting_compile)
+    monkeypatch.setattr(compilation, "compiler_works", lambda *args: True)
     return calls
 
 
@@ -113,7 +114,7 @@ def test_a_compiler_that_fails_leaves_the_steps_uncompiled(tiny_dirs):
 
     language_model = language_model_of(vlmcompress.load(tiny_dirs["qwen2_vl"], dtype=torch.float32))
     monkeypatch_backend = pytest.MonkeyPatch()
-    monkeypatch_backend.setattr(step_kernels, "COMPILE_BACKEND", failing_backend)
+    monkeypatch_backend.setattr(compilation, "COMPILE_BACKEND", failing_backend)
     try:
         with pytest.warns(UserWarning, match="does not work"):
             kernels = StepKernels(language_model, compile=True)
@@ -134,7 +135,7 @@ def test_on_cuda_graphed_steps_are_compiled_and_decode_like_uncompiled_ones(tiny
                         lambda self: runners.append(self) or original_install(self))
     compiled = greedy(model, inputs)
     assert runners[-1].step_kernels.compile and runners[-1].captures == 1
-    monkeypatch.setattr(step_kernels, "COMPILE", False)
+    monkeypatch.setattr(compilation, "COMPILE", False)
     uncompiled = greedy(model, inputs)
     assert not runners[-1].step_kernels.compile
     assert_same_decoding(compiled, uncompiled)

@@ -17,6 +17,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..compilation import compiled_where_it_works
+
 # Score rows are padded to a multiple of this many keys: an odd prompt length (LLaVA-OV's 7473) otherwise
 # sends the score product to an unaligned tensor-core kernel, 3-4x slower than the aligned one.
 SCORE_ROW_ALIGNMENT = 8
@@ -88,6 +90,7 @@ def attention_chunks(
     key_valid: torch.Tensor | None = None,
     max_elements: int = 1 << 26,
     query_valid: torch.Tensor | None = None,
+    statistics=None,
 ):
     """Yield `(rows, probs)`: softmax attention of chunks of `queries` over `keys`, in float32.
 
@@ -101,6 +104,10 @@ def attention_chunks(
     product itself, and only the last q columns, where causality bites, are masked after it. On CUDA,
     half-precision keys are multiplied as they are, accumulating in float32. The keys are padded to a multiple
     of `SCORE_ROW_ALIGNMENT` (masked by the bias) so that the product runs on an aligned kernel.
+
+    With `statistics`, yield `(rows, statistics(logits))` instead: the chunk's masked scores `[b, h, groups,
+    rows, padded]`, -inf where a query does not see a key (the padding columns past n included), for a caller
+    that reduces the probabilities at once (`received_from_logits`), so that they are never written out.
     """
     b, num_heads, q_len, dim = queries.shape
     kv_heads, n = keys.shape[1], keys.shape[2]
@@ -136,25 +143,32 @@ def attention_chunks(
         logits[..., n - q_len:n].masked_fill_(~tail[rows], float("-inf"))
         if some_rows_out:
             logits.masked_fill_(~query_valid[:, None, None, rows, None].to(keys.device), float("-inf"))
+        if statistics is not None:
+            yield rows, statistics(logits)
+            continue
         probs = torch.softmax(logits, dim=-1)[..., :n]
         if some_rows_out or key_valid is not None:  # a row that sees no key (left out, or a padding query)
             probs.nan_to_num_(0.0)  # is all NaN after the softmax
         yield rows, probs
 
 
-def received_attention(probs: torch.Tensor) -> torch.Tensor:
-    """`[b, h, n]` attention each key receives from one chunk of `attention_chunks` (probs
-    `[b, h, groups, rows, n]`), summed over its queries and averaged over the query heads that share the
-    key's KV head, in float64."""
-    return probs.sum(dim=3).mean(dim=2).double()
+def received_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """`[b, h, padded]` attention each key receives from one chunk of `attention_chunks` (its masked scores,
+    `statistics`): the softmax summed over the chunk's queries and averaged over the query heads that share the
+    key's KV head, in float32; a row that sees no key adds 0."""
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=3).mean(dim=2)
 
 
-def accumulated_attention(queries, keys, scaling, key_valid=None) -> torch.Tensor:
+def accumulated_attention(queries, keys, scaling, key_valid=None, compile: bool = False) -> torch.Tensor:
     """Attention each key receives from `queries`, the last positions of `keys` (`attention_chunks`),
-    summed over the queries and averaged over the query heads that share its KV head: `[b, h, n]` in float64."""
+    summed over the queries and averaged over the query heads that share its KV head: `[b, h, n]` in float64.
+    `compile`: one compiled softmax-and-sum per chunk where inductor works (`vlmcompress.compilation`), which
+    never writes the probabilities out."""
+    reduce = compiled_where_it_works(received_from_logits, keys.device, keys.dtype) if compile else \
+        received_from_logits
     total = None
-    for _, probs in attention_chunks(queries, keys, scaling, key_valid):
-        part = received_attention(probs)
+    for _, part in attention_chunks(queries, keys, scaling, key_valid, statistics=reduce):
+        part = part[..., :keys.shape[2]].double()
         total = part if total is None else total + part
     return total
 

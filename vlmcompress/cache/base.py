@@ -391,12 +391,14 @@ class PromptContext:
 
     def accumulated_attention(self, last: int) -> torch.Tensor:
         """Attention received by each key from the last `last` queries, `[b, h, n]` (float64)."""
-        return accumulated_attention(self.queries(last), self.keys, self.module.scaling, self.key_valid)
+        return accumulated_attention(self.queries(last), self.keys, self.module.scaling, self.key_valid,
+                                     compile=True)
 
-    def attention_chunks(self, last: int, query_valid: torch.Tensor | None = None):
-        """`attention.attention_chunks` of the last `last` queries; `query_valid` `[b, last]` leaves some out."""
+    def attention_chunks(self, last: int, query_valid: torch.Tensor | None = None, statistics=None):
+        """`attention.attention_chunks` of the last `last` queries; `query_valid` `[b, last]` leaves some out;
+        `statistics` reduces each chunk's scores instead."""
         return attention_chunks(self.queries(last), self.keys, self.module.scaling, self.key_valid,
-                                query_valid=query_valid)
+                                query_valid=query_valid, statistics=statistics)
 
 
 @dataclass

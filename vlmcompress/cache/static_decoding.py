@@ -32,7 +32,8 @@ import torch
 import transformers.generation.utils as generation_utils
 
 from .base import CompressedCache, passed_cache
-from .step_kernels import StepKernels, compile_by_default
+from ..compilation import compile_by_default
+from .step_kernels import StepKernels
 
 ROOM = 256  # decoding steps one static allocation serves when generate's max_new_tokens is unknown
 DEFER_STOP_CHECK = True  # read generate's "all finished" flag one step late (deferred_stop_check)

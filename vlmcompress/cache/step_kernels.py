@@ -5,8 +5,7 @@ elementwise kernels: on Qwen2-VL-7B at batch 8 those were 1118 kernels and 2.1 m
 (docs/benchmarks.md). Within a step, `StepKernels` runs three pieces of every decoder layer with fewer:
 
 - each RMSNorm as `torch.rms_norm` and a multiply (`rms_norm`): 2 kernels instead of 8;
-- where torch.compile makes GPU kernels (CUDA with triton; checked once, with a warning and the eager
-  functions if not), the RMSNorm, the rotary embedding of the queries and keys (10 kernels in transformers'
+- where torch.compile makes GPU kernels (`vlmcompress.compilation`), the RMSNorm, the rotary embedding of the queries and keys (10 kernels in transformers'
   `apply_rotary_pos_emb`) and the SiLU-gated MLP's `silu(gate) * up` (2 kernels) each become one compiled
   kernel. Only pointwise work is compiled: the matrix products stay cuBLAS's, the cache's writes and masks ours.
 
@@ -19,14 +18,11 @@ from __future__ import annotations
 
 import functools
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-COMPILE = True  # compile the pointwise pieces where inductor works (bench/decode_step.py --compile turns it off)
-COMPILE_BACKEND = "inductor"
-
+from .. import compilation
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm, `weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)` with float32 statistics, as
@@ -38,54 +34,16 @@ def silu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@functools.lru_cache(maxsize=None)
-def compiled(function, backend: str):
-    """`function` compiled once per process; shapes become dynamic at the second shape seen, so batches and
-    models share one compilation rather than running into dynamo's recompilation limit."""
-    return torch.compile(function, backend=backend)
-
-
-@functools.lru_cache(maxsize=None)
-def compiler_works(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
-    """Whether `backend` compiles here and its kernels agree with the eager functions (a missing triton or C
-    compiler fails here, once, instead of inside a decoding step)."""
-    probe = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    weight = torch.ones(64, device=device, dtype=dtype)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    try:
-        agree = (torch.allclose(compiled(rms_norm, backend)(probe, weight, 1e-6), rms_norm(probe, weight, 1e-6),
-                                rtol=tolerance, atol=tolerance)
-                 and torch.allclose(compiled(silu_gate, backend)(probe, probe), silu_gate(probe, probe),
-                                    rtol=tolerance, atol=tolerance))
-    except Exception as error:  # whatever the compiler stack raises: decoding goes on without it
-        warnings.warn(f"vlmcompress: torch.compile ({backend}) does not work on {device} ({error!r}); static "
-                      "decoding steps run their elementwise kernels uncompiled", stacklevel=3)
-        return False
-    if not agree:
-        warnings.warn(f"vlmcompress: torch.compile ({backend}) gave other values than eager on {device}; static "
-                      "decoding steps run their elementwise kernels uncompiled", stacklevel=3)
-    return agree
-
-
-def compile_by_default(device: torch.device) -> bool:
-    """Compile where inductor makes GPU kernels: CUDA with triton installed."""
-    if not COMPILE or device.type != "cuda":
-        return False
-    from torch.utils._triton import has_triton
-
-    return has_triton()
-
-
 class StepKernels:
     """Context manager: within it, the language model's RMSNorms, SiLU-gated MLPs and rotary embedding use
-    fewer kernels (see the module docstring). `compile` compiles the pointwise pieces with `COMPILE_BACKEND`
-    (if it works on the model's device; else they run eagerly)."""
+    fewer kernels (see the module docstring). `compile` compiles the pointwise pieces (if the compiler works
+    on the model's device; else they run eagerly)."""
 
     _agrees: dict[tuple[type, type | None, torch.dtype], bool] = {}
 
     def __init__(self, language_model: torch.nn.Module, compile: bool = False):
         parameter = next(language_model.parameters())
-        self.compile = compile and compiler_works(parameter.device, parameter.dtype, COMPILE_BACKEND)
+        self.compile = compile and compilation.compiler_works(parameter.device, parameter.dtype)
         modules = list(language_model.modules())
         self.norms = [module for module in modules if self._fusable_norm(module)]
         self.mlps = [module for module in modules if self._gated_silu_mlp(module)] if self.compile else []
@@ -97,7 +55,7 @@ class StepKernels:
         self.upstream_rotary = {}
 
     def _pointwise(self, function):
-        return compiled(function, COMPILE_BACKEND) if self.compile else function
+        return compilation.compiled(function, compilation.COMPILE_BACKEND) if self.compile else function
 
     @classmethod
     def _agrees_with(cls, module: torch.nn.Module, replacement, probe_shape, variant: type | None = None) -> bool:

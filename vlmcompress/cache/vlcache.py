@@ -11,9 +11,11 @@ Without visual tokens the post-vision queries are the last `window_size` tokens.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .attention import received_attention
+from ..compilation import compiled_where_it_works
 from .base import CompressedCache, PromptContext, integer_allocation
 
 
@@ -51,15 +53,15 @@ class VLCacheCache(CompressedCache):
         post = self.post_vision_queries(ctx)
         last = int((ctx.length - post.float().argmax(dim=-1)).max())  # longest post-vision span
         post = post[:, -last:]
+        statistics = compiled_where_it_works(post_vision_statistics, ctx.keys.device, ctx.keys.dtype)
+        statistics = functools.partial(statistics, threshold=self.threshold)
         scores, dense = None, 0
         # A sample's earlier rows (shorter post-vision span) see no key, so they add nothing to any sum below.
-        for _, probs in ctx.attention_chunks(last, query_valid=post):
-            part = received_attention(probs)
+        for _, (part, kept) in ctx.attention_chunks(last, query_valid=post, statistics=statistics):
+            part = part[..., :ctx.length].double()
             scores = part if scores is None else scores + part
-            row_max = probs.amax(dim=-1)  # [b, h, groups, rows]; 0 only on a row that sees no key
-            kept = (probs >= self.threshold * row_max[..., None]).sum(dim=-1) * (row_max > 0)
-            dense = dense + kept.sum(dim=(1, 2, 3))  # integer counts: exact
-        heads = probs.shape[1] * probs.shape[2]
+            dense = dense + kept
+        heads = ctx.queries(last).shape[1]
         ctx.density = dense.double() / (self.visible_keys(ctx, post) * heads).clamp(min=1)
         return scores
 
@@ -80,3 +82,14 @@ class VLCacheCache(CompressedCache):
                       for row, mean, length in zip(densities, first.budget.tolist(), first.real_length.tolist())]
         counts = torch.tensor(per_sample, device=first.budget.device)  # [b, layers]
         return list(counts.T)
+
+
+def post_vision_statistics(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """From one chunk of masked post-vision scores (`attention_chunks`' statistics, `[b, h, groups, rows,
+    padded]`): the attention each key receives (as `attention.received_from_logits`) and, per sample, how
+    many probabilities are >= threshold x their row's maximum (an integer count; a row that sees no key counts
+    none). One function, so that compiled it reads the scores without writing the probabilities out."""
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    row_max = probs.amax(dim=-1)  # 0 only on a row that sees no key
+    kept = (probs >= threshold * row_max[..., None]).sum(dim=-1) * (row_max > 0)
+    return probs.sum(dim=3).mean(dim=2), kept.sum(dim=(1, 2, 3))

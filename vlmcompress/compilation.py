@@ -1,0 +1,71 @@
+"""torch.compile for vlmcompress's own small kernels, where inductor makes GPU kernels.
+
+Used for pointwise and reduction work that eager PyTorch runs as many kernels over the same memory: a static
+decoding step's norms, rotary embedding and MLP gates (`cache.step_kernels`), and the softmax statistics
+that score a prompt's keys (`cache.attention`). Only on CUDA with triton installed (`compile_by_default`),
+and only once a probe has compiled and agreed with eager (`compiler_works`); otherwise, with one warning,
+the same functions run uncompiled. `COMPILE = False` turns it off (bench/decode_step.py --compile).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+COMPILE = True
+COMPILE_BACKEND = "inductor"
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(function, backend: str):
+    """`function` compiled once per process; shapes become dynamic at the second shape seen, so batches,
+    prompts and models share one compilation rather than running into dynamo's recompilation limit."""
+    return torch.compile(function, backend=backend)
+
+
+def _probe(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A norm, a gate and a softmax row sum: the kinds of work vlmcompress compiles."""
+    normed = weight * torch.rms_norm(hidden, (hidden.shape[-1],), eps=1e-6)
+    return torch.nn.functional.silu(normed) * hidden + torch.softmax(hidden.float(), dim=-1).sum(dim=-2, keepdim=True)
+
+
+def compiler_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `COMPILE_BACKEND` compiles on `device` and its kernels agree with eager: a missing triton or C
+    compiler fails here, once, with a warning, instead of inside a decoding step or a prefill."""
+    return _compiler_works(device, dtype, COMPILE_BACKEND)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_works(device: torch.device, dtype: torch.dtype, backend) -> bool:
+    hidden = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    weight = torch.ones(64, device=device, dtype=dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    try:
+        agree = torch.allclose(compiled(_probe, backend)(hidden, weight).float(), _probe(hidden, weight).float(),
+                               rtol=tolerance, atol=tolerance)
+    except Exception as error:  # whatever the compiler stack raises: vlmcompress goes on without it
+        warnings.warn(f"vlmcompress: torch.compile ({backend}) does not work on {device} ({error!r}); its "
+                      "kernels run uncompiled", stacklevel=4)
+        return False
+    if not agree:
+        warnings.warn(f"vlmcompress: torch.compile ({backend}) gave other values than eager on {device}; its "
+                      "kernels run uncompiled", stacklevel=4)
+    return agree
+
+
+def compile_by_default(device: torch.device) -> bool:
+    """Compile where inductor makes GPU kernels: CUDA with triton installed."""
+    if not COMPILE or device.type != "cuda":
+        return False
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
+def compiled_where_it_works(function, device: torch.device, dtype: torch.dtype):
+    """`function` compiled if `compile_by_default(device)` and the compiler works there; else `function`."""
+    if compile_by_default(device) and compiler_works(device, dtype):
+        return compiled(function, COMPILE_BACKEND)
+    return function
