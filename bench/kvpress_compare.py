@@ -62,12 +62,15 @@ def main():
     from vlmcompress.cache.base import language_model_of
     from vlmcompress.cache.full import FullCache
     from vlmcompress.cache.static_decoding import StaticDecoding, deferred_stop_check
+    from vlmcompress.grouped_sdpa import GROUPED_SDPA
 
     config = AutoConfig.for_model("qwen2", **QWEN2_7B, vocab_size=152064, rope_theta=1e6)
     config.eos_token_id = None
     torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly, whatever from_config's dtype argument is called
+    # load()'s attention: transformers' SDPA, except that a masked grouped-query decoding step (every static
+    # step) does not copy K and V per query head. kvpress's unmasked steps go to transformers' SDPA unchanged.
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=GROUPED_SDPA).eval()
     torch.set_default_dtype(torch.float32)
     print(f"# model {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {model.dtype}", flush=True)
     generator = torch.Generator().manual_seed(0)
