@@ -345,3 +345,54 @@ def test_cache_is_a_transformers_cache():
     for cls in KV_METHODS.values():
         cache = cls(budget=0.5)
         assert isinstance(cache, DynamicCache) and isinstance(cache, Cache) and isinstance(cache, CompressedCache)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_prompt_masks_are_read_once_per_prompt_not_per_layer(tiny_dirs, processors, monkeypatch, method):
+    """Reading a mask off the device makes the host wait for the layer to finish before it queues the next one
+    (at batch 1 that was most of the compression's prefill overhead): the padding mask and VL-Cache's
+    post-vision rows are read once per prompt, and budgets live on the CPU."""
+    from vlmcompress.cache import base, vlcache
+
+    reads = []
+    for module, name in ((base, "key_validity_from_mask"), (vlcache.VLCacheCache, "post_vision_queries")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _original=original, _name=name, **kwargs:
+                            reads.append(_name) or _original(*args, **kwargs))
+    contexts = []
+    on_prompt = CompressedCache._evict_prompt
+    monkeypatch.setattr(CompressedCache, "_evict_prompt", lambda self, layer, ctx, scores, kept:
+                        contexts.append((ctx, kept)) or on_prompt(self, layer, ctx, scores, kept))
+    model = load(tiny_dirs["qwen2_vl"], method, 0.3, dtype=torch.float32)
+    inputs = image_inputs(processors["qwen2_vl"], ("What is in the picture? Describe it in detail.", "Colour?"))
+    greedy(model, inputs, new_tokens=2)  # a left-padded batch: the attention receives a padding mask
+    assert reads.count("key_validity_from_mask") == 1
+    assert reads.count("post_vision_queries") == (1 if method == "vlcache" else 0)
+    assert len(contexts) == model.config.text_config.num_hidden_layers
+    assert all(t.device.type == "cpu" for ctx, kept in contexts for t in (ctx.budget, ctx.real_length, kept))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronisations")
+@pytest.mark.parametrize("method", METHODS)
+def test_on_cuda_no_layer_but_the_first_and_last_waits_for_the_device(tiny_dirs, processors, monkeypatch, method):
+    import warnings
+
+    syncs = []
+    on_prompt = CompressedCache._on_prompt
+
+    def counted(self, module, layer, arguments):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            on_prompt(self, module, layer, arguments)
+        syncs.append(sum("synchronizing" in str(w.message) for w in caught))
+
+    monkeypatch.setattr(CompressedCache, "_on_prompt", counted)
+    model = load(tiny_dirs["qwen2_vl"], method, 0.3, dtype=torch.float32, device_map="cuda")
+    inputs = image_inputs(processors["qwen2_vl"]).to("cuda")
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        greedy(model, inputs, new_tokens=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(syncs) == model.config.text_config.num_hidden_layers
+    assert syncs[1:-1] == [0] * (len(syncs) - 2), syncs

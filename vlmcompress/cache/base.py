@@ -372,8 +372,10 @@ class PromptContext:
     keys: torch.Tensor  # [b, h, n, d] rotated keys of the prompt
     key_valid: torch.Tensor | None  # [b, n] False on left padding; None if no padding
     visual_mask: torch.Tensor | None  # [b, n] True on visual tokens, when known
-    budget: torch.Tensor  # [b] the sample's mean budget in tokens
-    real_length: torch.Tensor  # [b] prompt length without padding
+    # Budgets and lengths are host decisions (top-k widths, windows) and live on the CPU: reading them
+    # off the device in every layer would make the host wait for each layer before queueing the next.
+    budget: torch.Tensor  # [b] the sample's mean budget in tokens, on the CPU
+    real_length: torch.Tensor  # [b] prompt length without padding, on the CPU
     _queries: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -485,6 +487,7 @@ class CompressedCache(DynamicCache):
         self._attached_to = None
         self.prefill_nbytes: int | None = None  # bytes held right after the prompt was compressed
         self.prompt_padded = False  # some prompt of the batch was left-padded
+        self._prompt_validity_memo = None  # (weakref to the prompt's mask, (b, n), key_valid, real lengths)
         self.static_decoding = None  # the StaticDecoding driving this cache's decoding steps, during its generate
         discovery = torch.nn.modules.module.register_module_forward_pre_hook(partial(_discover, weakref.ref(self)))
         self._handles.append(discovery)
@@ -500,11 +503,11 @@ class CompressedCache(DynamicCache):
         raise NotImplementedError
 
     def layer_budgets(self, ctx: PromptContext) -> torch.Tensor:
-        """Tokens to keep in `ctx.layer_idx` per sample, `[b]`. Default: the mean budget everywhere."""
+        """Tokens to keep in `ctx.layer_idx` per sample, `[b]` on the CPU. Default: the mean budget everywhere."""
         return ctx.budget
 
     def allocate_all_layers(self, contexts: list[PromptContext]) -> list[torch.Tensor]:
-        """Per-layer budgets when `allocation_needs_all_layers`: a list over layers of `[b]`."""
+        """Per-layer budgets when `allocation_needs_all_layers`: a list over layers of `[b]` on the CPU."""
         raise NotImplementedError
 
     def decode_scores(self, ctx: DecodeContext) -> torch.Tensor:
@@ -639,9 +642,8 @@ class CompressedCache(DynamicCache):
         batch = hidden.shape[0]
         keys = layer.keys
         n = keys.shape[-2]
-        key_valid = key_validity_from_mask(arguments.get("attention_mask"), batch, n, keys.device)
+        key_valid, real = self._prompt_validity(arguments.get("attention_mask"), batch, n, keys.device)
         self.prompt_padded = self.prompt_padded or key_valid is not None
-        real = key_valid.sum(-1) if key_valid is not None else torch.full((batch,), n, device=keys.device)
         visual = self.visual_mask
         if visual is not None and visual.shape != (batch, n):
             visual = None
@@ -673,16 +675,32 @@ class CompressedCache(DynamicCache):
                 self._evict_prompt(pending_layer, pending_ctx, pending_scores, budget)
             self._pending.clear()
 
+    def _prompt_validity(self, attention_mask, batch: int, n: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`key_validity_from_mask` and the real prompt lengths `[b]` (on the CPU), read once per prompt mask
+        rather than in every layer: each read waits for the device."""
+        if not isinstance(attention_mask, torch.Tensor):
+            return None, torch.full((batch,), n)
+        memo = self._prompt_validity_memo
+        if memo is None or memo[0]() is not attention_mask or memo[1] != (batch, n):
+            key_valid = key_validity_from_mask(attention_mask, batch, n, device)
+            real = key_valid.sum(-1).cpu() if key_valid is not None else torch.full((batch,), n)
+            memo = self._prompt_validity_memo = (weakref.ref(attention_mask), (batch, n), key_valid, real)
+        key_valid, real = memo[2], memo[3]
+        return (key_valid.to(device) if key_valid is not None else None), real
+
     def _evict_prompt(self, layer: CompressedLayer, ctx: PromptContext, scores: torch.Tensor, kept: torch.Tensor):
-        """Keep the top-`kept[b]` scored keys of each sample and KV head; free the rest."""
-        kept = kept.to(scores.device)
+        """Keep the top-`kept[b]` (on the CPU) scored keys of each sample and KV head; free the rest."""
         width = int(kept.max())
         ranked = scores.topk(width, dim=-1).indices  # [b, h, width], best first
         slots, order = ranked.sort(dim=-1)
-        within_budget = (torch.arange(width, device=scores.device) < kept[:, None, None]).expand_as(ranked)
-        valid = within_budget.gather(-1, order)
-        if ctx.key_valid is not None:
-            valid &= ctx.key_valid[:, None].expand_as(scores).gather(-1, slots)
+        if ctx.key_valid is None and bool((kept == width).all()):
+            valid = None  # every kept slot is a real token: known without reading the device
+        else:
+            kept_here = kept.to(scores.device, non_blocking=True)
+            within_budget = (torch.arange(width, device=scores.device) < kept_here[:, None, None]).expand_as(ranked)
+            valid = within_budget.gather(-1, order)
+            if ctx.key_valid is not None:
+                valid &= ctx.key_valid[:, None].expand_as(scores).gather(-1, slots)
         layer.positions = torch.arange(ctx.length, device=slots.device).expand_as(scores)
         layer.slot_valid = None
         layer.scores = self._initial_decode_scores(ctx, scores)
@@ -690,15 +708,16 @@ class CompressedCache(DynamicCache):
             layer.keep(slots)
         else:  # every slot is kept (slots are 0..n-1): gathering would copy the whole cache for nothing
             layer.positions = layer.positions.contiguous()  # decode-time eviction writes into it
-        layer.slot_valid = None if bool(valid.all()) else valid
+        layer.slot_valid = None if valid is None or bool(valid.all()) else valid
         layer.kept_indices = slots
         layer.compressed = True
         if ctx.layer_idx == ctx.num_layers - 1:
             self._prompt_compressed()
         if self.evicts_during_decoding:
-            layer.capacity = self.decode_capacity(kept)
-            if layer.capacity is not None and bool((layer.capacity == layer.capacity[0]).all()):
-                layer.uniform_capacity = int(layer.capacity[0])
+            capacity = self.decode_capacity(kept)
+            if capacity is not None and bool((capacity == capacity[0]).all()):
+                layer.uniform_capacity = int(capacity[0])
+            layer.capacity = capacity.to(scores.device, non_blocking=True) if capacity is not None else None
         else:
             layer.positions = None  # only decode-time eviction needs to know where each slot came from
 

@@ -18,7 +18,7 @@ def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int |
                     recent: torch.Tensor) -> torch.Tensor:
     """Mark the slots holding the `recent[b]` newest positions (up to `newest`, an int or a device scalar) as
     always kept."""
-    is_recent = positions > newest - recent.to(positions.device)[:, None, None]
+    is_recent = positions > newest - recent.to(positions.device, non_blocking=True)[:, None, None]
     return torch.where(is_recent, PROTECTED + positions.double(), scores)
 
 

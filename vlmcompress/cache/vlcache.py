@@ -30,6 +30,7 @@ class VLCacheCache(CompressedCache):
         if not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"window_size must be an int >= 1, got {window_size!r}")
         self.threshold, self.window_size = float(threshold), window_size
+        self._post_vision_memo = None
 
     def post_vision_queries(self, ctx: PromptContext) -> torch.Tensor:
         """`[b, n]` True on each sample's post-vision prompt positions."""
@@ -46,18 +47,31 @@ class VLCacheCache(CompressedCache):
         last_visual = torch.where(visual, slot, -1).max(dim=-1).values
         return slot[None, :] > last_visual[:, None]
 
+    def post_vision_rows(self, ctx: PromptContext) -> tuple[torch.Tensor, int, bool]:
+        """`(post, last, every_row)`: `[b, last]` True on the post-vision rows among the last `last` prompt
+        positions (the longest post-vision span), and whether all of them are. Every layer has the same, so
+        it is read off the device once per prompt rather than in each layer."""
+        key = (ctx.visual_mask, ctx.keys.shape[0], ctx.length)
+        memo = self._post_vision_memo
+        if memo is None or memo[0][0] is not key[0] or memo[0][1:] != key[1:]:
+            post = self.post_vision_queries(ctx)
+            last = int((ctx.length - post.float().argmax(dim=-1)).max())
+            post = post[:, -last:]
+            memo = self._post_vision_memo = (key, post, last, bool(post.all()))
+        post, last, every_row = memo[1:]
+        return post.to(ctx.keys.device), last, every_row
+
     def score(self, ctx: PromptContext) -> torch.Tensor:
         """The post-vision attention each key receives, `[b, h, n]`; sets `ctx.density`, the share of the
         visible post-vision attention entries >= threshold x their row's maximum, `[b]`. One pass over
         the attention serves both."""
-        post = self.post_vision_queries(ctx)
-        last = int((ctx.length - post.float().argmax(dim=-1)).max())  # longest post-vision span
-        post = post[:, -last:]
+        post, last, every_row = self.post_vision_rows(ctx)
         statistics = compiled_where_it_works(post_vision_statistics, ctx.keys.device, ctx.keys.dtype)
         statistics = functools.partial(statistics, threshold=self.threshold)
         scores, dense = None, 0
         # A sample's earlier rows (shorter post-vision span) see no key, so they add nothing to any sum below.
-        for _, (part, kept) in ctx.attention_chunks(last, query_valid=post, statistics=statistics):
+        chunks = ctx.attention_chunks(last, query_valid=None if every_row else post, statistics=statistics)
+        for _, (part, kept) in chunks:
             part = part[..., :ctx.length].double()
             scores = part if scores is None else scores + part
             dense = dense + kept
