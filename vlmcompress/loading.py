@@ -55,7 +55,7 @@ def load(
             each decoding step replays one CUDA graph instead of launching ~1300 kernels from Python.
             Takes every kv= method (h2o and streamingllm evict within fixed buffers) or kv=None (then the
             cache keeps every token), and SDPA or eager attention. On the CPU the same static steps run
-            eagerly.
+            eagerly; on CUDA with triton their elementwise kernels are compiled (`vlmcompress.compilation`).
         **method_options: options of the chosen methods (e.g. window_size=32, kernel_size=5,
             sink_tokens=4); each goes to the method that takes it, unknown ones are an error.
 
