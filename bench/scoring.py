@@ -6,9 +6,10 @@ The scoring pass (`vlmcompress.cache.attention.attention_chunks`) makes the atte
 every key in chunks of at most 2**k scores; smaller chunks keep a chunk's scores in the L2 cache for the
 reductions that follow the softmax (column sums, VL-Cache's row maxima and dense-entry counts), at the
 cost of more kernel launches. `--compile on` reduces each chunk's scores with one compiled function
-(`vlmcompress.compilation`), which never writes the probabilities out, as the library does on CUDA. Shapes default to LLaVA-OneVision-7B's language model (Qwen2-7B: 28 query
-heads, 4 KV heads, head dim 128) on its 7473-token hires prompt with 75 post-vision queries. CUDA only;
-bf16 inputs, medians of CUDA-event timings (`sparse24.cuda_time`).
+(`vlmcompress.compilation`), which never writes the probabilities out, as the library does on CUDA. Shapes
+default to LLaVA-OneVision-7B's language model (Qwen2-7B: 28 query heads, 4 KV heads, head dim 128) on its
+7473-token hires prompt with 75 post-vision queries. CUDA only; bf16 inputs, medians of CUDA-event timings
+(`sparse24.cuda_time`).
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ class OnePlusWeightRMSNorm(torch.nn.Module):
 
 def gelu_mlp(size: int = 16):
     """A gated MLP whose activation is not SiLU (`silu_gate` does not compute it)."""
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
     from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
     return Qwen2MLP(Qwen2Config(hidden_size=size, intermediate_size=2 * size, hidden_act="gelu"))
 

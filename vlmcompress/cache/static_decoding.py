@@ -14,8 +14,8 @@ cannot show (docs/benchmarks.md). Nothing in a step needs the host once the prom
 - the language model's per-step inputs (embeddings, positions) are copied into fixed buffers.
 
 So a step is the same kernels on the same buffers every time. On CUDA the first step runs eagerly and
-is captured as a graph; each later step is a few small copies into its input buffers and one replay. On the CPU the same static
-step runs eagerly, which is what the tests compare with eager decoding. When the room runs out (more
+is captured as a graph; each later step is a few small copies into its input buffers and one replay. On the
+CPU the same static step runs eagerly, which is what the tests compare with eager decoding. When the room runs out (more
 new tokens than `room`), the layers get more and the step is captured again.
 
 Every eviction cache decodes statically (and `FullCache` for the uncompressed baseline); flash-attention
@@ -31,8 +31,8 @@ import inspect
 import torch
 import transformers.generation.utils as generation_utils
 
-from .base import CompressedCache, passed_cache
 from ..compilation import compile_by_default
+from .base import CompressedCache, passed_cache
 from .step_kernels import StepKernels
 
 ROOM = 256  # decoding steps one static allocation serves when generate's max_new_tokens is unknown

@@ -5,13 +5,14 @@ elementwise kernels: on Qwen2-VL-7B at batch 8 those were 1118 kernels and 2.1 m
 (docs/benchmarks.md). Within a step, `StepKernels` runs three pieces of every decoder layer with fewer:
 
 - each RMSNorm as `torch.rms_norm` and a multiply (`rms_norm`): 2 kernels instead of 8;
-- where torch.compile makes GPU kernels (`vlmcompress.compilation`), the RMSNorm, the rotary embedding of the queries and keys (10 kernels in transformers'
-  `apply_rotary_pos_emb`) and the SiLU-gated MLP's `silu(gate) * up` (2 kernels) each become one compiled
-  kernel. Only pointwise work is compiled: the matrix products stay cuBLAS's, the cache's writes and masks ours.
+- where torch.compile makes GPU kernels (`vlmcompress.compilation`), the RMSNorm becomes 1 kernel, the
+  rotary embedding of the queries and keys 2 (10 in transformers' `apply_rotary_pos_emb`) and the SiLU-gated
+  MLP's `silu(gate) * up` 1 (2). Only pointwise work is compiled: the matrix products stay cuBLAS's, the
+  cache's writes and masks ours.
 
 A norm or MLP class is replaced only if its own forward gives the replacement's values on a random input
-(checked once per class, activation and dtype), so a variant computing something else (Gemma's `1 + weight` norm, a GELU
-MLP) keeps its forward. The rotary function is transformers' own, compiled as it is.
+(checked once per class, activation and dtype), so a variant computing something else (Gemma's `1 + weight`
+norm, a GELU MLP) keeps its forward. The rotary function is transformers' own, compiled as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import compilation
+
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm, `weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)` with float32 statistics, as
