@@ -47,6 +47,18 @@ from real_models import make_inputs  # noqa: E402
 DECODE_PATHS = ("eager", "graphs")
 
 
+def announce_cuda_run(script: str, argv) -> tuple[str, dict]:
+    """For a bench script that times CUDA kernels: refuse without a GPU; else print and return the command
+    that reproduces the run and the machine it runs on."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} times CUDA kernels: it needs a GPU")
+    command = f"python bench/{script} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    machine = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "transformers": transformers.__version__, "python": platform.python_version()}
+    print(f"# {command}\n# {json.dumps(machine)}", flush=True)
+    return command, machine
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import statistics
-import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench import announce_cuda_run
 
 # (name, batch, kv_heads, groups, slots): Qwen2-7B at batch 8 and InternLM2.5-7B at batch 32, with a
 # prompt of 2408 / 2664 tokens, uncompressed or at a 10 % budget, plus 128 / 64 slots of room.
@@ -55,11 +54,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("decode_attention.py times CUDA kernels: it needs a GPU")
-    command = "python bench/decode_attention.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    machine = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version()}
-    print(f"# {command}\n# {json.dumps(machine)}")
+    command, machine = announce_cuda_run("decode_attention.py", argv)
     rows = []
     for name, batch, kv_heads, groups, slots in SHAPES:
         query = torch.randn(batch, kv_heads, groups, 128, dtype=torch.bfloat16, device="cuda")

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -33,9 +31,8 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-import transformers  # noqa: E402
 
-from bench import build_model, decode_floor, hbm_bandwidth, parse_method, timed  # noqa: E402
+from bench import announce_cuda_run, build_model, decode_floor, hbm_bandwidth, parse_method, timed  # noqa: E402
 from real_models import make_inputs  # noqa: E402
 from vlmcompress import compilation  # noqa: E402
 from vlmcompress.cache import static_decoding  # noqa: E402
@@ -136,13 +133,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--compile", default="off,on")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("decode_step.py times CUDA graphs: it needs a CUDA device")
+    command, machine = announce_cuda_run("decode_step.py", argv)
     device = torch.device("cuda")
-    command = "python bench/decode_step.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    machine = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-               "transformers": transformers.__version__, "python": platform.python_version()}
-    print(f"# {command}\n# {json.dumps(machine)}", flush=True)
     bandwidth = hbm_bandwidth(device)
     model, processor = build_model(args.model, device, None)
     inputs = make_inputs(processor, "hires", args.batch).to(device)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
-import shlex
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
+from bench import announce_cuda_run  # noqa: E402
 from sparse24 import cuda_time  # noqa: E402
 from vlmcompress.cache.attention import accumulated_attention, attention_chunks  # noqa: E402
 from vlmcompress.cache.vlcache import post_vision_statistics  # noqa: E402
@@ -59,11 +58,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--compile", default="off,on", help="reduce the scores with compiled statistics (on) or not")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("scoring.py times CUDA kernels: it needs a CUDA device")
-    command = "python bench/scoring.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    machine = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version()}
-    print(f"# {command}\n# {json.dumps(machine)}", flush=True)
+    command, machine = announce_cuda_run("scoring.py", argv)
     generator = torch.Generator(device="cuda").manual_seed(0)
     keys = torch.randn(args.batch, args.kv_heads, args.keys, args.head_dim, device="cuda", generator=generator,
                        dtype=torch.bfloat16)

@@ -103,8 +103,9 @@ def test_multi_gpu_script_runs_at_toy_size_with_two_cpu_ranks(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs instead of refusing")
-def test_decode_attention_timer_needs_a_gpu_and_says_so():
-    import decode_attention
+@pytest.mark.parametrize("script", ["decode_attention", "decode_step", "scoring"])
+def test_cuda_timers_need_a_gpu_and_say_so(script):
+    module = __import__(script)
 
-    with pytest.raises(SystemExit, match="needs a GPU"):
-        decode_attention.main([])
+    with pytest.raises(SystemExit, match=f"{script}.py times CUDA kernels: it needs a GPU"):
+        module.main([])
