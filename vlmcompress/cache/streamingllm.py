@@ -33,6 +33,11 @@ def _recency_scores(positions: torch.Tensor, valid: torch.Tensor, sink_tokens: i
         lowest = positions.masked_fill(~valid, torch.iinfo(positions.dtype).max).topk(
             min(sink_tokens, positions.shape[-1]), dim=-1, largest=False).values
         sinks = valid & (positions <= lowest[..., -1:])  # all valid slots where fewer than `sink_tokens`
+    return _sinks_then_newest(positions, sinks)
+
+
+def _sinks_then_newest(positions: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """`[b, h, n]` float64 scores: the `sinks` protected (the earliest first), then the newest positions."""
     position = positions.double()
     return torch.where(sinks, PROTECTED - position, position)
 
@@ -62,8 +67,7 @@ class StreamingLLMCache(CompressedCache):
         sinks = self._static_sinks(ctx.module.layer_idx, layer, valid)
         if sinks is None:
             return _recency_scores(layer.positions, valid, self.sink_tokens, sinks_first=False)
-        position = layer.positions.double()
-        return torch.where(sinks, PROTECTED - position, position)
+        return _sinks_then_newest(layer.positions, sinks)
 
     def end_static(self, steps_written: int) -> None:
         super().end_static(steps_written)
