@@ -75,6 +75,21 @@ def test_static_decoding_equals_eager_decoding(tiny_dirs, processors, static_ste
     assert "forward" not in vars(language_model)  # the upstream forward is back after generate
 
 
+@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+def test_static_decoding_under_per_query_head_masks_equals_eager_decoding(tiny_dirs, processors, static_steps,
+                                                                          method):
+    """Under plain SDPA the static mask is repeated per query head (the tiny models group 2 query heads per
+    KV head); the steps keep that form up to date in place, for a written slot and for a retired one."""
+    arch = "qwen2_vl"
+    inputs = image_inputs(processors[arch], QUESTIONS)
+    eager = greedy(load(tiny_dirs[arch], method, attn_implementation="sdpa"), inputs)
+    static_model = load(tiny_dirs[arch], method, cuda_graphs=True, attn_implementation="sdpa")
+    cache = static_model.make_cache()
+    static = greedy(static_model, inputs, past_key_values=cache)
+    assert_same_decoding(static, eager)
+    assert len(static_steps) == NEW_TOKENS - 1
+
+
 def live_positions(layer) -> list[list[list[int]]]:
     """Per sample and KV head, the sorted positions of the slots the next token will attend to."""
     valid = layer.slot_valid if layer.slot_valid is not None else torch.ones_like(layer.positions, dtype=torch.bool)

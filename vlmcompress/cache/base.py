@@ -136,6 +136,10 @@ class CompressedLayer(DynamicLayer):
         self.static_base = 0
         self.static_seen_base = 0
         self.write_offset: torch.Tensor | None = None
+        self.step_slot: torch.Tensor | None = None  # `[1]`: the current step's slot (`start_static_step`)
+        # [b, h, groups, 1, slots]: the additive form of slot_valid during static decoding, changed in place
+        # where a step makes a slot valid (one kernel) rather than rebuilt at every step (three)
+        self._static_mask: torch.Tensor | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.write_offset is not None:
@@ -185,7 +189,7 @@ class CompressedLayer(DynamicLayer):
         self.keys = torch.cat([self.keys[:, :, :filled], self.keys.new_zeros(b, h, room, d)], dim=2)
         self.values = torch.cat([self.values[:, :, :filled], self.values.new_zeros(b, h, room, d)], dim=2)
         self.slot_valid = torch.cat([valid, valid.new_zeros(b, h, room)], dim=-1)
-        self._validity_room = self._mask_room = None
+        self._validity_room = self._mask_room = self._static_mask = None
         self.static_base, self.write_offset = filled, write_offset
 
     def _make_static_evicting(self, write_offset: torch.Tensor) -> None:
@@ -210,7 +214,7 @@ class CompressedLayer(DynamicLayer):
             if self.scores is not None:
                 self.scores = grown(self.scores)
             self.free_slot = torch.full((b, h), held, dtype=torch.long, device=self.keys.device)
-            self._validity_room = self._mask_room = None
+            self._validity_room = self._mask_room = self._static_mask = None
         self.write_offset = write_offset
 
     def end_static(self, filled: int) -> None:
@@ -223,12 +227,16 @@ class CompressedLayer(DynamicLayer):
         self.free_slot = None
         if bool(self.slot_valid.all()):
             self.slot_valid = None
-        self._validity_room = self._mask_room = None
-        self.static_base, self.write_offset = 0, None
+        self._validity_room = self._mask_room = self._static_mask = None
+        self.static_base, self.write_offset, self.step_slot = 0, None, None
 
-    def static_slot(self) -> torch.Tensor:
-        """`[1]`: the slot the current static decoding step writes (for a layer that does not evict)."""
-        return self.write_offset + self.static_base
+    def undo_static_steps(self, written: int, steps: int) -> None:
+        """Mask again the slots of the last `steps` of the `written` static steps (`StaticDecoding.undo_steps`)."""
+        start = self.static_base + written
+        self.slot_valid[..., start: start + steps] = False
+        if self._static_mask is not None:
+            self._static_mask[..., start: start + steps] = torch.finfo(self._static_mask.dtype).min
+        self.seen_tokens -= steps
 
     def static_position(self) -> torch.Tensor:
         """`[1]`: the position of the token the current static decoding step writes."""
@@ -239,15 +247,24 @@ class CompressedLayer(DynamicLayer):
         `static_position()`, since a host int would be baked into the captured step."""
         return self.static_position() if self.write_offset is not None else self.seen_tokens - 1
 
-    def start_static_step(self) -> None:
+    def start_static_step(self, slot: torch.Tensor) -> None:
         """Before a static decoding step's attention: the slot its token is written to becomes valid (the
-        token attends to itself); a slot chosen by eviction (`free_slot`) also takes the token's position
-        and, for a method that accumulates scores, a score of zero."""
+        token attends to itself). For a layer that does not evict that is `slot` (`[1]`, `static_base +
+        write_offset`, which `CompressedCache.start_static_step` adds up for all layers at once); a slot
+        chosen by eviction (`free_slot`) also takes the token's position and, for a method that accumulates
+        scores, a score of zero."""
         if self.free_slot is None:
-            self.slot_valid.index_fill_(-1, self.static_slot(), True)
+            self.step_slot = slot
+            self.slot_valid.index_fill_(-1, slot, True)
+            if self._static_mask is not None:
+                self._static_mask.index_fill_(-1, slot, 0.0)
             return
         slot = self.free_slot[..., None]
         self.slot_valid.scatter_(-1, slot, True)
+        mask = self._static_mask
+        if mask is not None:
+            b, h, groups = mask.shape[:3]
+            mask.scatter_(-1, slot[:, :, None, None].expand(b, h, groups, 1, 1), 0.0)
         self.positions.scatter_(-1, slot, self.static_position().expand_as(slot))
         if self.scores is not None:
             self.scores.scatter_(-1, slot, 0.0)
@@ -260,6 +277,8 @@ class CompressedLayer(DynamicLayer):
         # Where over, the argmin runs over the live slots only; elsewhere it lands on an empty slot's -inf.
         empty_score = torch.where(over, float("inf"), float("-inf"))[..., None]
         choice = torch.where(self.slot_valid, scores, empty_score).argmin(dim=-1)
+        # The additive mask keeps the retired slot unmasked: the next step writes its token there and
+        # unmasks it anyway (an empty slot chosen here needs that) before any attention reads the mask.
         self.slot_valid.scatter_(-1, choice[..., None], False)
         self.free_slot.copy_(choice)
 
@@ -267,16 +286,20 @@ class CompressedLayer(DynamicLayer):
         if self.free_slot is not None:
             self._write_at_free_slot(key_states, value_states)
             return self.keys, self.values
-        slot = self.static_slot()
-        self.keys.index_copy_(2, slot, key_states)
-        self.values.index_copy_(2, slot, value_states)
+        self.keys.index_copy_(2, self.step_slot, key_states)
+        self.values.index_copy_(2, self.step_slot, value_states)
         return self.keys, self.values
 
     def static_decode_mask(self, dtype: torch.dtype, groups: int) -> torch.Tensor:
         """`[b, h * groups, 1, slots]` additive mask of the static buffers: 0 on filled slots (the step's own
-        included, marked valid before the step), the dtype's minimum on padding and unfilled room."""
-        mask = additive_mask(self.slot_valid[:, :, None], dtype)
-        return mask if groups == 1 else mask.repeat_interleave(groups, dim=1)
+        included, marked valid before the step), the dtype's minimum on padding and unfilled room. Built from
+        `slot_valid` once per room; each step then unmasks its own slot in place."""
+        mask = self._static_mask
+        if mask is None or mask.dtype != dtype or mask.shape[2] != groups:
+            mask = additive_mask(self.slot_valid[:, :, None, None], dtype).expand(-1, -1, groups, -1, -1)
+            self._static_mask = mask = mask.contiguous()
+        b, h = mask.shape[:2]
+        return mask.view(b, h * groups, 1, mask.shape[-1])
 
     def validity_with_room(self, new: int) -> torch.Tensor:
         """The buffer whose prefix is `slot_valid`, followed by at least `new` valid slots. Reallocated (and
@@ -489,6 +512,7 @@ class CompressedCache(DynamicCache):
         self.prompt_padded = False  # some prompt of the batch was left-padded
         self._prompt_validity_memo = None  # (weakref to the prompt's mask, (b, n), key_valid, real lengths)
         self.static_decoding = None  # the StaticDecoding driving this cache's decoding steps, during its generate
+        self._static_bases: torch.Tensor | None = None  # [layers] each layer's static_base, on the device
         discovery = torch.nn.modules.module.register_module_forward_pre_hook(partial(_discover, weakref.ref(self)))
         self._handles.append(discovery)
         for handles in (self._handles, self._prefill_handles, self._mask_handles):
@@ -565,8 +589,16 @@ class CompressedCache(DynamicCache):
         for layer in self.layers:
             filled = layer.static_base + steps_written if layer.write_offset is not None else layer.held_tokens
             layer.make_static(filled, room, write_offset)
+        self._static_bases = torch.tensor([layer.static_base for layer in self.layers], device=write_offset.device)
         if not self._mask_handles:
             self._register_mask_hooks(language_model_of(self._attached_to()))
+
+    def start_static_step(self) -> None:
+        """Before each static decoding step's attention, every layer's `start_static_step`, with the step's
+        slots (`static_base + write_offset`) added up for all layers in one kernel."""
+        slots = self._static_bases + self.layers[0].write_offset
+        for index, layer in enumerate(self.layers):
+            layer.start_static_step(slots[index: index + 1])
 
     def end_static(self, steps_written: int) -> None:
         """After a `generate` decoded statically: every layer back to its dynamic form (`CompressedLayer.end_static`),

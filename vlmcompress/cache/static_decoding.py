@@ -87,9 +87,7 @@ class StaticDecoding:
                                       f"since its room was last made, not {steps}")
         self.steps_written -= steps
         for layer in self.cache.layers:
-            start = layer.static_base + self.steps_written
-            layer.slot_valid[..., start: start + steps] = False
-            layer.seen_tokens -= steps
+            layer.undo_static_steps(self.steps_written, steps)
 
     def __call__(self, *args, **kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -147,8 +145,7 @@ class StaticDecoding:
         return tensors, constants
 
     def _step(self, constants: dict):
-        for layer in self.cache.layers:  # the new token attends to itself
-            layer.start_static_step()
+        self.cache.start_static_step()  # the new token attends to itself
         with self.step_kernels:
             return self.upstream_forward(**constants, **self.inputs)
 
