@@ -17,6 +17,11 @@ import torch
 COMPILE = True
 COMPILE_BACKEND = "inductor"
 
+# Inductor's note when it splits a softmax's reduction (the prompt scoring's statistics at batch 1, torch 2.11):
+# a hint about its own lowering, which nothing in vlmcompress or its user's code can act on.
+warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the fly", category=UserWarning,
+                        module=r"torch\._inductor\.lowering")
+
 
 @functools.lru_cache(maxsize=None)
 def compiled(function, backend: str):
