@@ -11,9 +11,9 @@ from test_static_decoding import QUESTIONS, assert_same_decoding, greedy, load
 
 import vlmcompress
 from vlmcompress import compilation
-from vlmcompress.cache import static_decoding
+from vlmcompress.cache import static_decoding, step_kernels
 from vlmcompress.cache.base import language_model_of
-from vlmcompress.cache.step_kernels import StepKernels, gated_mlp, rms_norm, silu_gate
+from vlmcompress.cache.step_kernels import FusedProducts, StepKernels, fuse_linears, gated_mlp, rms_norm, silu_gate
 from vlmcompress.testing import ARCHITECTURES
 
 
@@ -67,7 +67,7 @@ def test_replacements_equal_transformers_modules(dtype):
         norm.weight.normal_()
         hidden = (torch.randn(4, 3, 96) * 5).to(dtype)
         torch.testing.assert_close(rms_norm(hidden, norm.weight, norm.variance_epsilon), norm(hidden), rtol=0, atol=0)
-        torch.testing.assert_close(gated_mlp(silu_gate, mlp, hidden), mlp(hidden), rtol=0, atol=0)
+        torch.testing.assert_close(gated_mlp(silu_gate, mlp, None, hidden), mlp(hidden), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -77,11 +77,84 @@ def test_every_norm_and_mlp_of_the_language_model_is_replaced_and_others_are_not
     kernels = StepKernels(language_model, compile=True)
     assert len(kernels.norms) == 2 * len(language_model.layers) + 1  # two per layer and the final one
     assert len(kernels.mlps) == len(language_model.layers)
+    assert len(kernels.projections) == len(language_model.layers)  # each attention's q/k/v as one product
     assert [modeling.__name__ for modeling in kernels.rotary_modules] == [
         type(language_model.layers[0].self_attn).__module__]
     assert not StepKernels(OnePlusWeightRMSNorm(16)).norms
     assert not StepKernels(gelu_mlp(), compile=True).mlps
-    assert not StepKernels(language_model, compile=False).mlps  # uncompiled, an MLP is the same kernels
+    uncompiled = StepKernels(language_model, compile=False)  # the gate and up products are still fused
+    assert all(products is not None for products in uncompiled.mlps.values()) and len(uncompiled.mlps) == len(
+        language_model.layers)
+
+
+def storages(module: torch.nn.Module) -> dict[int, int]:
+    """Bytes of each distinct storage the module's parameters live in."""
+    return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in module.parameters()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linears_are_views_of_one_buffer_and_compute_each_linear(bias):
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(24, out, bias=bias) for out in (16, 8, 8)]
+    holder = torch.nn.ModuleList(linears)
+    before = [(linear.weight.clone(), linear.bias.clone() if bias else None) for linear in linears]
+    hidden = torch.randn(3, 1, 24)
+    expected = [linear(hidden) for linear in linears]
+    weight, fused_bias = fuse_linears(linears)
+    assert weight.shape == (32, 24) and (fused_bias is not None) == bias
+    # the parameters now live in the fused buffers (one for the weights, one for the biases): no second copy
+    assert len(storages(holder)) == (2 if bias else 1)
+    assert sum(storages(holder).values()) == sum(p.numel() * 4 for p in holder.parameters())
+    for linear, (old_weight, old_bias) in zip(linears, before):
+        assert torch.equal(linear.weight, old_weight) and (not bias or torch.equal(linear.bias, old_bias))
+    assert fuse_linears(linears)[0].data_ptr() == weight.data_ptr()  # found in place the second time
+    products = FusedProducts(linears, weight, fused_bias)
+    shares = [products.part(index, hidden) for index in range(3)]
+    for share, reference in zip(shares, expected):
+        torch.testing.assert_close(share, reference, rtol=1e-6, atol=1e-6)
+    assert shares[0].untyped_storage().data_ptr() == shares[2].untyped_storage().data_ptr()  # one product
+    # a weight replaced since is moved into a new buffer, and the products follow it
+    linears[1].weight = torch.nn.Parameter(torch.randn(8, 24))
+    moved, _ = fuse_linears(linears)
+    assert moved.data_ptr() != weight.data_ptr() and torch.equal(moved[16:24], linears[1].weight)
+
+
+def test_linears_that_cannot_share_a_product_are_left_alone():
+    biased, unbiased = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4, bias=False)
+    assert fuse_linears([biased, unbiased]) is None
+    assert fuse_linears([torch.nn.Linear(8, 4), torch.nn.Linear(6, 4)]) is None  # different inputs
+    assert fuse_linears([torch.nn.Linear(8, 4), torch.nn.Linear(8, 4).to(torch.bfloat16)]) is None
+    weight = biased.weight
+    assert fuse_linears([biased]) is not None and biased.weight is weight  # alone, nothing to move
+
+
+def test_static_steps_run_one_product_for_q_k_v_and_one_for_gate_and_up(tiny_dirs, processors, monkeypatch):
+    arch = "qwen2_vl"
+    inputs = image_inputs(processors[arch], QUESTIONS)
+    model = load(tiny_dirs[arch], "snapkv", cuda_graphs=True)
+    language_model = language_model_of(model)
+    parameter_bytes = sum(storages(language_model).values())
+    calls = []
+    original = FusedProducts.__call__
+    monkeypatch.setattr(FusedProducts, "__call__", lambda self, hidden: calls.append(self.sizes) or original(
+        self, hidden))
+    output = greedy(model, inputs)
+    steps, layers, config = len(output.scores) - 1, len(language_model.layers), language_model.config
+    kv_size = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    assert calls.count([config.hidden_size, kv_size, kv_size]) == steps * layers
+    assert calls.count([config.intermediate_size] * 2) == steps * layers and len(calls) == 2 * steps * layers
+    assert sum(storages(language_model).values()) == parameter_bytes  # the weights moved, not copied
+    assert all("forward" not in vars(module) for module in language_model.modules())
+
+
+def test_a_model_whose_products_were_fused_saves_and_loads_its_weights(tiny_dirs, processors, tmp_path):
+    arch = "qwen2_vl"
+    model = load(tiny_dirs[arch], "snapkv", cuda_graphs=True)
+    greedy(model, image_inputs(processors[arch], QUESTIONS))
+    model.save_pretrained(tmp_path)
+    reloaded = vlmcompress.load(tmp_path, dtype=torch.float32)
+    for (name, saved), (_, loaded) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(saved, loaded), name
 
 
 def test_compiled_steps_decode_like_eager_steps_and_give_the_modules_back(tiny_dirs, processors, monkeypatch,
@@ -120,7 +193,7 @@ def test_a_compiler_that_fails_leaves_the_steps_uncompiled(tiny_dirs):
             kernels = StepKernels(language_model, compile=True)
     finally:
         monkeypatch_backend.undo()
-    assert not kernels.compile and not kernels.mlps and not kernels.rotary_modules
+    assert not kernels.compile and not kernels.rotary_modules
     assert len(kernels.norms) == 2 * len(language_model.layers) + 1
 
 
@@ -139,3 +212,20 @@ def test_on_cuda_graphed_steps_are_compiled_and_decode_like_uncompiled_ones(tiny
     uncompiled = greedy(model, inputs)
     assert not runners[-1].step_kernels.compile
     assert_same_decoding(compiled, uncompiled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS's products need CUDA")
+def test_on_cuda_graphed_steps_with_fused_products_decode_like_separate_ones(tiny_dirs, processors, monkeypatch):
+    arch = "qwen2_vl"
+    inputs = image_inputs(processors[arch], QUESTIONS).to("cuda")
+    model = load(tiny_dirs[arch], "snapkv", cuda_graphs=True, device_map="cuda")
+    calls = []
+    original = FusedProducts.__call__
+    monkeypatch.setattr(FusedProducts, "__call__", lambda self, hidden: calls.append(1) or original(self, hidden))
+    fused = greedy(model, inputs)
+    assert calls  # captured once, so counted in the eager run and the capture only
+    monkeypatch.setattr(step_kernels, "FUSE_PRODUCTS", False)
+    calls.clear()
+    separate = greedy(model, inputs)
+    assert not calls
+    assert_same_decoding(fused, separate)

@@ -13,6 +13,11 @@ elementwise kernels: on Qwen2-VL-7B at batch 8 those were 1118 kernels and 2.1 m
 A norm or MLP class is replaced only if its own forward gives the replacement's values on a random input
 (checked once per class, activation and dtype), so a variant computing something else (Gemma's `1 + weight`
 norm, a GELU MLP) keeps its forward. The rotary function is transformers' own, compiled as it is.
+
+The Linears that read the same input, an attention's q/k/v projections and a gated MLP's gate and up, run as
+one matrix product each (`FusedProducts`): at decoding's few rows a product is bound by reading its weights,
+and one long product reads them faster than several short ones. For that their weights (and biases) are
+moved, once, into one buffer of which each Linear keeps a view (`fuse_linears`): no second copy is held.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import torch.nn.functional as F
 
 from .. import compilation
 
+FUSE_PRODUCTS = True  # run the Linears that share an input as one product (`FusedProducts`)
+
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm, `weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)` with float32 statistics, as
@@ -36,10 +43,86 @@ def silu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def plain_weights(linears: list[torch.nn.Module]) -> bool:
+    """Whether `linears` are dense Linears over one input, on one device and dtype, all with a bias or none
+    (not semi-structured sparse, quantised or offloaded weights, which keep their own products)."""
+    if not all(isinstance(linear, torch.nn.Linear) and not hasattr(linear, "_hf_hook") for linear in linears):
+        return False
+    tensors = [linear.weight for linear in linears] + [linear.bias for linear in linears if linear.bias is not None]
+    first = linears[0].weight
+    return (all(type(t.data) is torch.Tensor and t.layout == torch.strided and t.device == first.device
+                and t.device.type != "meta" and t.dtype == first.dtype for t in tensors)
+            and len({linear.in_features for linear in linears}) == 1
+            and len({linear.bias is None for linear in linears}) == 1)
+
+
+def consecutive_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor over `tensors` (concatenated along their first dimension) if they lie one after the other in
+    one storage, else None."""
+    for tensor, following in zip(tensors, tensors[1:]):
+        if not (tensor.is_contiguous() and following.is_contiguous()
+                and tensor.untyped_storage().data_ptr() == following.untyped_storage().data_ptr()
+                and tensor.storage_offset() + tensor.numel() == following.storage_offset()):
+            return None
+    first = tensors[0].detach()
+    return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride())
+
+
+def fuse_linears(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The weight and bias of one Linear computing all of `linears` (outputs concatenated), as tensors whose
+    consecutive rows are the Linears' own parameters; None where `plain_weights` says no. The first call
+    moves the parameters into one buffer each (the Linears keep views of it, so the model holds no second
+    copy); later calls find them there. A parameter replaced since (a `to`, a new weight) is moved again."""
+    if not plain_weights(linears):
+        return None
+
+    def fused(name: str) -> torch.Tensor:
+        parameters = [getattr(linear, name) for linear in linears]
+        rows = consecutive_rows(parameters)
+        if rows is None:
+            rows = torch.cat([parameter.detach() for parameter in parameters])
+            for linear, parameter, part in zip(linears, parameters, rows.split([p.shape[0] for p in parameters])):
+                setattr(linear, name, torch.nn.Parameter(part, requires_grad=parameter.requires_grad))
+        return rows
+
+    return fused("weight"), fused("bias") if linears[0].bias is not None else None
+
+
+class FusedProducts:
+    """Linears reading the same input, run as one product over their fused weight (`fuse_linears`).
+
+    `part(index, hidden)` stands in for the `index`-th Linear's forward: the first of them called on `hidden`
+    runs the product for all, the others take their share of it. The shares are views of one output (last
+    dimension sliced), which the attention's and MLP's reshapes of a decoding step's `[b, 1, out]` accept."""
+
+    def __init__(self, linears: list[torch.nn.Linear], weight: torch.Tensor, bias: torch.Tensor | None):
+        self.linears, self.weight, self.bias = linears, weight, bias
+        self.sizes = [linear.out_features for linear in linears]
+        self._pending = None  # (input, outputs, indices taken) of the last product, until every share is taken
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(hidden, self.weight, self.bias).split(self.sizes, dim=-1)
+
+    def part(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        pending = self._pending
+        if pending is None or pending[0] is not hidden or index in pending[2]:
+            pending = self._pending = (hidden, self(hidden), set())
+        pending[2].add(index)
+        if len(pending[2]) == len(self.sizes):
+            self._pending = None
+        return pending[1][index]
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, names: tuple[str, ...]) -> "FusedProducts | None":
+        linears = [getattr(module, name, None) for name in names]
+        fused = fuse_linears(linears) if all(linear is not None for linear in linears) else None
+        return None if fused is None else cls(linears, *fused)
+
+
 class StepKernels:
     """Context manager: within it, the language model's RMSNorms, SiLU-gated MLPs and rotary embedding use
-    fewer kernels (see the module docstring). `compile` compiles the pointwise pieces (if the compiler works
-    on the model's device; else they run eagerly)."""
+    fewer kernels, and its attentions' q/k/v projections one product (see the module docstring). `compile`
+    compiles the pointwise pieces (if the compiler works on the model's device; else they run eagerly)."""
 
     _agrees: dict[tuple[type, type | None, torch.dtype], bool] = {}
 
@@ -48,7 +131,11 @@ class StepKernels:
         self.compile = compile and compilation.compiler_works(parameter.device, parameter.dtype)
         modules = list(language_model.modules())
         self.norms = [module for module in modules if self._fusable_norm(module)]
-        self.mlps = [module for module in modules if self._gated_silu_mlp(module)] if self.compile else []
+        self.mlps = {module: FusedProducts.of(module, ("gate_proj", "up_proj")) if FUSE_PRODUCTS else None
+                     for module in modules if self._gated_silu_mlp(module)}
+        self.projections = [products for module in modules if FUSE_PRODUCTS
+                            and type(module).__name__.endswith("Attention")
+                            and (products := FusedProducts.of(module, ("q_proj", "k_proj", "v_proj")))]
         # transformers' attention modules call their modeling file's `apply_rotary_pos_emb` by its global name
         self.rotary_modules = [] if not self.compile else list({
             sys.modules[type(module).__module__] for module in modules
@@ -88,7 +175,7 @@ class StepKernels:
         parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
         if not all(isinstance(part, torch.nn.Linear) for part in parts) or not hasattr(module, "act_fn"):
             return False
-        return cls._agrees_with(module, lambda mlp, x: gated_mlp(silu_gate, mlp, x), (2, parts[0].in_features),
+        return cls._agrees_with(module, lambda mlp, x: gated_mlp(silu_gate, mlp, None, x), (2, parts[0].in_features),
                                 type(module.act_fn))
 
     def __enter__(self):
@@ -96,14 +183,18 @@ class StepKernels:
         for module in self.norms:
             module.forward = functools.partial(norm_forward, norm, module)
         gate = self._pointwise(silu_gate)
-        for module in self.mlps:
-            module.forward = functools.partial(gated_mlp, gate, module)
+        for module, products in self.mlps.items():
+            module.forward = functools.partial(gated_mlp, gate, module, products)
+        for products in self.projections:
+            for index, linear in enumerate(products.linears):
+                linear.forward = functools.partial(products.part, index)
         for modeling in self.rotary_modules:
             self.upstream_rotary[modeling] = modeling.apply_rotary_pos_emb
             modeling.apply_rotary_pos_emb = self._pointwise(modeling.apply_rotary_pos_emb)
 
     def __exit__(self, *exc_info):
-        for module in self.norms + self.mlps:
+        shares = [linear for products in self.projections for linear in products.linears]
+        for module in self.norms + list(self.mlps) + shares:
             vars(module).pop("forward", None)
         for modeling, upstream in self.upstream_rotary.items():
             modeling.apply_rotary_pos_emb = upstream
@@ -114,5 +205,7 @@ def norm_forward(norm_function, norm: torch.nn.Module, hidden: torch.Tensor) -> 
     return norm_function(hidden, norm.weight, norm.variance_epsilon)
 
 
-def gated_mlp(gate_function, mlp: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    return mlp.down_proj(gate_function(mlp.gate_proj(hidden), mlp.up_proj(hidden)))
+def gated_mlp(gate_function, mlp: torch.nn.Module, gate_and_up: FusedProducts | None,
+              hidden: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_and_up(hidden) if gate_and_up is not None else (mlp.gate_proj(hidden), mlp.up_proj(hidden))
+    return mlp.down_proj(gate_function(gate, up))
