@@ -11,7 +11,9 @@ Here the heads of one group share their KV head (head h reads KV head h // group
 with all of its group's queries: the same attention, no copy of K or V. This is done for a single query
 (decoding; any mask views for free) and for masks given per KV head `[b, kv_heads, q, kv]`, the form
 `CompressedCache.decode_attention_mask` builds for this implementation; everything else goes to
-transformers' own `sdpa_attention_forward` unchanged.
+transformers' own `sdpa_attention_forward` unchanged. A decoding step on the GPU under an additive mask
+runs `split_kv_attention` instead of SDPA: the same attention, split over the held slots so that enough
+programs run to read K and V at the GPU's bandwidth (`vlmcompress/split_kv.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import split_kv
 
 GROUPED_SDPA = "vlmcompress_sdpa"
 
@@ -48,10 +52,12 @@ def grouped_sdpa_attention_forward(module, query, key, value, attention_mask, dr
     if mask is None or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim), key, value, attn_mask=mask,
-        dropout_p=dropout, scale=scaling,
-    )
+    query = query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
+    if q_len == 1 and not dropout and split_kv.takes(query, key, value, mask):  # a decoding step on the GPU
+        out = split_kv.split_kv_attention(query, key, value, mask, dim ** -0.5 if scaling is None else scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                                               scale=scaling)
     # reshape: some kernels return a strided output that cannot be viewed
     return out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 

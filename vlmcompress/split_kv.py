@@ -1,0 +1,161 @@
+"""Split-KV attention for one decoding query per sample (flash-decoding), under an additive mask.
+
+At a decoding step SDPA's kernels run one program per (sample, head, block of queries). With one query per
+sample and a grouped-query head's group viewed as the rows of its KV head (`vlmcompress_sdpa`), that is
+batch x kv_heads programs, 32 at batch 8 on Qwen2-7B, each walking every held slot, on a GPU of 132
+multiprocessors: the H100 timer read K and V at 156-704 GB/s (docs/benchmarks.md). Here the slots are
+split into chunks; one program per (sample, KV head, chunk) attends its group's queries to its chunk with
+a running softmax, and a second kernel merges the chunks by their log-sum-exp (Dao, Haziza, Massa and
+Sizov, 2023, "Flash-Decoding for long-context inference"):
+
+    out = Σ_c exp(lse_c − lse) · out_c,   lse = log Σ_c exp(lse_c)
+
+Triton kernels, used on CUDA for bf16/fp16 where a probe against SDPA passes (`split_kv_works`); everywhere
+else, and for masks it does not take (boolean), `vlmcompress_sdpa` calls SDPA as before. `SPLIT_KV = False`
+turns it off (bench/decode_step.py --split-kv).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+
+import torch
+
+SPLIT_KV = True
+BLOCK_SLOTS = 64  # slots one program step loads; a chunk is a multiple of it
+PROGRAMS_PER_MULTIPROCESSOR = 2  # how many chunks to aim for: enough programs to fill the GPU twice over
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: str | None):
+    """The two triton kernels; built on first use (and again under `TRITON_INTERPRET`, which `triton.jit` reads
+    when it decorates), so that importing vlmcompress never imports triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def attend_chunk(Q, K, V, MASK, PART, LSE, scale, slots, chunk, kv_heads, groups,
+                     sq_b, sq_h, sq_g, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sm_g, sm_n,
+                     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DIM: tl.constexpr):
+        row, split = tl.program_id(0), tl.program_id(1)  # row: sample * kv_heads + KV head
+        b, h = row // kv_heads, row % kv_heads
+        g, d = tl.arange(0, BLOCK_G), tl.arange(0, DIM)
+        live_g = g < groups
+        q = tl.load(Q + b * sq_b + h * sq_h + g[:, None] * sq_g + d[None, :], mask=live_g[:, None], other=0.0)
+        start = split * chunk
+        top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, DIM], tl.float32)
+        for offset in range(0, chunk, BLOCK_N):  # the last chunk may end past the slots: masked
+            n = start + offset + tl.arange(0, BLOCK_N)
+            live_n = n < slots
+            k = tl.load(K + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=live_n[:, None], other=0.0)
+            v = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=live_n[:, None], other=0.0)
+            bias = tl.load(MASK + b * sm_b + h * sm_h + g[:, None] * sm_g + n[None, :] * sm_n,
+                           mask=live_g[:, None] & live_n[None, :], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale + bias.to(tl.float32)
+            scores = tl.where(live_n[None, :], scores, float("-inf"))
+            new_top = tl.maximum(top, tl.max(scores, 1))
+            probs = tl.exp(scores - new_top[:, None])
+            rescale = tl.exp(top - new_top)
+            total = total * rescale + tl.sum(probs, 1)
+            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
+            top = new_top
+        part = row * tl.num_programs(1) + split
+        tl.store(PART + (part * BLOCK_G + g[:, None]) * DIM + d[None, :], acc / total[:, None])
+        tl.store(LSE + part * BLOCK_G + g, top + tl.log(total))
+
+    @triton.jit
+    def merge_chunks(PART, LSE, OUT, splits, kv_heads, groups, so_b, so_h, so_g,
+                     BLOCK_G: tl.constexpr, DIM: tl.constexpr):
+        row = tl.program_id(0)
+        b, h = row // kv_heads, row % kv_heads
+        g, d = tl.arange(0, BLOCK_G), tl.arange(0, DIM)
+        top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, DIM], tl.float32)
+        for split in range(0, splits):
+            part = row * splits + split
+            lse = tl.load(LSE + part * BLOCK_G + g)
+            new_top = tl.maximum(top, lse)
+            rescale, weight = tl.exp(top - new_top), tl.exp(lse - new_top)
+            acc = acc * rescale[:, None] + tl.load(PART + (part * BLOCK_G + g[:, None]) * DIM + d[None, :]) * weight[:, None]
+            total = total * rescale + weight
+            top = new_top
+        out = acc / total[:, None]
+        tl.store(OUT + b * so_b + h * so_h + g[:, None] * so_g + d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=(g < groups)[:, None])
+
+    return attend_chunk, merge_chunks
+
+
+def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                       scale: float, splits: int | None = None) -> torch.Tensor:
+    """softmax(query · keyᵀ · scale + mask) · value for `query` `[b, kv_heads, groups, d]` (a group's query heads
+    as rows), `key`/`value` `[b, kv_heads, slots, d]`, an additive `mask` broadcastable to `[b, kv_heads,
+    groups, slots]`; returns `[b, kv_heads, groups, d]` in the query's dtype. `splits`: how many chunks the
+    slots go into (by default enough programs to fill the GPU twice, `PROGRAMS_PER_MULTIPROCESSOR`)."""
+    batch, kv_heads, groups, dim = query.shape
+    slots = key.shape[2]
+    rows = batch * kv_heads
+    if splits is None:
+        splits = math.ceil(PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(query.device) / rows)
+    chunk = BLOCK_SLOTS * math.ceil(slots / max(1, min(splits, math.ceil(slots / BLOCK_SLOTS))) / BLOCK_SLOTS)
+    splits = math.ceil(slots / chunk)  # every chunk holds at least one slot
+    block_g = max(16, _next_power_of_2(groups))  # tl.dot takes at least 16 rows
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    mask = mask.expand(batch, kv_heads, groups, slots)
+    parts = torch.empty(rows, splits, block_g, dim, dtype=torch.float32, device=query.device)
+    lse = torch.empty(rows, splits, block_g, dtype=torch.float32, device=query.device)
+    out = torch.empty(batch, kv_heads, groups, dim, dtype=query.dtype, device=query.device)
+    attend_chunk, merge_chunks = _kernels(os.environ.get("TRITON_INTERPRET"))
+    attend_chunk[(rows, splits)](
+        query, key, value, mask, parts, lse, scale, slots, chunk, kv_heads, groups,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *mask.stride(),
+        BLOCK_G=block_g, BLOCK_N=BLOCK_SLOTS, DIM=dim)
+    merge_chunks[(rows,)](parts, lse, out, splits, kv_heads, groups, *out.stride()[:3], BLOCK_G=block_g, DIM=dim)
+    return out
+
+
+def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> bool:
+    """Whether `split_kv_attention` serves this decoding call (see the module docstring)."""
+    dim = query.shape[-1]
+    return (SPLIT_KV and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and key.dtype == value.dtype == query.dtype and isinstance(mask, torch.Tensor)
+            and mask.is_floating_point() and dim >= 16 and dim & (dim - 1) == 0
+            and key.stride(-1) == 1 and value.stride(-1) == 1 and split_kv_works(query.device, query.dtype))
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@functools.lru_cache(maxsize=None)
+def split_kv_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels build on `device` and agree with SDPA there: probed once, with a warning if not (the
+    calls then go to SDPA)."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 2, 7, 64, generator=generator).to(device, dtype),
+                         *(torch.randn(2, 2, 300, 64, generator=generator).to(device, dtype) for _ in range(2)))
+    mask = torch.zeros(2, 2, 1, 300, dtype=dtype, device=device)
+    mask[0, :, :, 250:] = torch.finfo(dtype).min
+    try:
+        ours = split_kv_attention(query, key, value, mask, 0.125, splits=3)
+    except Exception as error:  # whatever triton raises: decoding goes on with SDPA
+        warnings.warn(f"vlmcompress: the split-KV decoding kernel does not build on {device} ({error!r}); "
+                      "decoding attention uses SDPA", stacklevel=3)
+        return False
+    reference = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.125)
+    if not torch.allclose(ours.float(), reference.float(), rtol=2e-2, atol=2e-2):
+        warnings.warn(f"vlmcompress: the split-KV decoding kernel disagrees with SDPA on {device}; decoding "
+                      "attention uses SDPA", stacklevel=3)
+        return False
+    return True
