@@ -37,6 +37,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import transformers  # noqa: E402
 
 import vlmcompress  # noqa: E402
+from vlmcompress import split_kv  # noqa: E402
 from vlmcompress.compilation import compile_by_default  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 from vlmcompress.loading import default_attn_implementation  # noqa: E402
@@ -235,6 +236,8 @@ def main(argv=None) -> list[dict]:
         "torch": torch.__version__, "transformers": transformers.__version__, "vlmcompress": vlmcompress.__version__,
         "python": platform.python_version(), "attn_implementation": args.attn or default_attn_implementation(),
         "compiled_kernels": compile_by_default(device),
+        "split_kv_attention": device.type == "cuda" and split_kv.SPLIT_KV and split_kv.split_kv_works(device,
+                                                                                                      torch.bfloat16),
     }
     bandwidth = hbm_bandwidth(device)
     machine["hbm_bandwidth_gb_s"] = bandwidth / 1e9 if bandwidth else None

@@ -4,8 +4,9 @@
 
 One query token per sample; its grouped-query heads viewed as `groups` rows per KV head (as
 `vlmcompress_sdpa` does), an additive mask `[b, kv_heads, 1, slots]` (static decoding masks its unfilled
-room), bf16. For each backend torch can run under that mask, and for the plain matmul-softmax-matmul
-form, it reports microseconds per layer call and the bandwidth of reading K and V once, from CUDA
+room), bf16. For each backend torch can run under that mask, for the plain matmul-softmax-matmul form,
+and for vlmcompress's split-KV kernels (`vlmcompress/split_kv.py`, what `vlmcompress_sdpa` runs on CUDA), it
+reports microseconds per layer call and the bandwidth of reading K and V once, from CUDA
 events over many calls (median of 5 rounds).
 """
 
@@ -19,12 +20,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import announce_cuda_run
+from vlmcompress import split_kv
 
 # (name, batch, kv_heads, groups, slots): Qwen2-7B at batch 8 and InternLM2.5-7B at batch 32, with a
 # prompt of 2408 / 2664 tokens, uncompressed or at a 10 % budget, plus 128 / 64 slots of room.
 SHAPES = [
     ("qwen2_7b_b8_full", 8, 4, 7, 2408 + 128),
     ("qwen2_7b_b8_10pct", 8, 4, 7, 241 + 128),
+    ("qwen2_7b_b8_llava_onevision_full", 8, 4, 7, 7473 + 64),  # LLaVA-OneVision-7B's 7473-token prompt
+    ("qwen2_7b_b8_llava_onevision_10pct", 8, 4, 7, 747 + 64),
     ("internlm2_7b_b32_full", 32, 8, 4, 2664 + 64),
     ("internlm2_7b_b32_10pct", 32, 8, 4, 266 + 64),
 ]
@@ -66,6 +70,7 @@ def main(argv=None) -> list[dict]:
         kv_bytes = 2 * key.numel() * key.element_size()
         candidates = {backend: (lambda b=b: _sdpa(b, query, key, value, mask, scale)) for backend, b in BACKENDS.items()}
         candidates["matmul_softmax"] = lambda: matmul_softmax(query, key, value, mask, scale)
+        candidates["split_kv"] = lambda: split_kv.split_kv_attention(query, key, value, mask, scale)
         for backend, fn in candidates.items():
             row = {"shape": name, "batch": batch, "kv_heads": kv_heads, "groups": groups, "slots": slots,
                    "backend": backend}

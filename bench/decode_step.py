@@ -6,7 +6,8 @@ For each method, stop-check mode (`--stop-check`: `sync`, transformers' default 
 the host every step; `deferred`, vlmcompress's reading of it one step late) and `--compile` mode (`on`: the step's
 norms, rotary embedding and MLP gates compiled by inductor, `vlmcompress.compilation`; `off`: all eager) and
 `--fuse` mode (`on`: q/k/v and gate/up as one matrix product each, `step_kernels.FusedProducts`; `off`: one
-product per Linear), it runs `generate` and reports
+product per Linear) and `--split-kv` mode (`on`: the decoding attention through `vlmcompress/split_kv.py`;
+`off`: SDPA), it runs `generate` and reports
 per decoding step, medians in milliseconds:
   step_ms         wall time of a decoding step of `generate` (all tokens but the first)
   replay_ms       the captured language-model graph replayed back to back, device time (CUDA events)
@@ -35,7 +36,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 
 from bench import announce_cuda_run, build_model, decode_floor, hbm_bandwidth, parse_method, timed  # noqa: E402
 from real_models import make_inputs  # noqa: E402
-from vlmcompress import compilation  # noqa: E402
+from vlmcompress import compilation, split_kv  # noqa: E402
 from vlmcompress.cache import static_decoding, step_kernels  # noqa: E402
 from vlmcompress.cache.static_decoding import StaticDecoding  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
@@ -133,6 +134,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--stop-check", default="deferred")
     parser.add_argument("--compile", default="off,on")
     parser.add_argument("--fuse", default="on")
+    parser.add_argument("--split-kv", default="on")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
     command, machine = announce_cuda_run("decode_step.py", argv)
@@ -142,17 +144,19 @@ def main(argv=None) -> list[dict]:
     inputs = make_inputs(processor, "hires", args.batch).to(device)
     recorder = StepRecorder()
     rows = []
-    for spec, stop_check, compiled, fused in itertools.product(args.methods.split(","), args.stop_check.split(","),
-                                                               args.compile.split(","), args.fuse.split(",")):
-        if stop_check not in ("sync", "deferred") or not {compiled, fused} <= {"off", "on"}:
-            raise SystemExit(f"unknown --stop-check {stop_check!r}, --compile {compiled!r} or --fuse {fused!r}: "
-                             "choose sync or deferred, off or on")
+    for spec, stop_check, compiled, fused, split in itertools.product(
+            args.methods.split(","), args.stop_check.split(","), args.compile.split(","), args.fuse.split(","),
+            args.split_kv.split(",")):
+        if stop_check not in ("sync", "deferred") or not {compiled, fused, split} <= {"off", "on"}:
+            raise SystemExit(f"unknown --stop-check {stop_check!r}, --compile {compiled!r}, --fuse {fused!r} or "
+                             f"--split-kv {split!r}: choose sync or deferred, off or on")
         method = parse_method(spec)
         budget = args.budget if method["kv"] else None
         options = {"window_size": 32} if "window_size" in accepted_options(method["kv"], None) else {}
         static_decoding.DEFER_STOP_CHECK = stop_check == "deferred"
         compilation.COMPILE = compiled == "on"
         step_kernels.FUSE_PRODUCTS = fused == "on"
+        split_kv.SPLIT_KV = split == "on"
         model.compression = build_settings(kv=method["kv"], kv_budget=budget, cuda_graphs=True, **options)
 
         def generate(tokens):
@@ -163,7 +167,7 @@ def main(argv=None) -> list[dict]:
         recorder.reset()
         total, _ = timed(lambda: generate(args.new_tokens), device)
         row = {"model": args.model, "method": spec, "budget": budget, "batch": args.batch,
-               "stop_check": stop_check, "compile": compiled, "fuse": fused,
+               "stop_check": stop_check, "compile": compiled, "fuse": fused, "split_kv": split,
                "step_ms": (total - first) / (args.new_tokens - 1) * 1e3,
                **recorder.split(), **recorder.replay()}
         row["kv_bytes"] = model.compression_stats["kv_bytes"]
