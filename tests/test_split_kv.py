@@ -51,9 +51,10 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_triton_ker
 @pytest.mark.skipif(tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8),
                     reason="triton's interpreter loops over runtime bounds since 3.8")
 def test_triton_kernels_in_a_child_process():
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"],
-                           env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parent, capture_output=True,
-                           text=True, timeout=600)
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parent, capture_output=True, text=True,
+        timeout=600)
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
     assert " passed" in child.stdout and "skipped" not in child.stdout.splitlines()[-1], child.stdout[-2000:]
 

@@ -41,7 +41,7 @@ def _kernels(interpret: str | None):
                      sq_b, sq_h, sq_g, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sm_g, sm_n,
                      BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DIM: tl.constexpr):
         row, split = tl.program_id(0), tl.program_id(1)  # row: sample * kv_heads + KV head
-        b, h = row // kv_heads, row % kv_heads
+        b, h = (row // kv_heads).to(tl.int64), row % kv_heads  # int64: a long cache's offsets pass 2**31
         g, d = tl.arange(0, BLOCK_G), tl.arange(0, DIM)
         live_g = g < groups
         q = tl.load(Q + b * sq_b + h * sq_h + g[:, None] * sq_g + d[None, :], mask=live_g[:, None], other=0.0)
@@ -72,7 +72,7 @@ def _kernels(interpret: str | None):
     def merge_chunks(PART, LSE, OUT, splits, kv_heads, groups, so_b, so_h, so_g,
                      BLOCK_G: tl.constexpr, DIM: tl.constexpr):
         row = tl.program_id(0)
-        b, h = row // kv_heads, row % kv_heads
+        b, h = (row // kv_heads).to(tl.int64), row % kv_heads
         g, d = tl.arange(0, BLOCK_G), tl.arange(0, DIM)
         top = tl.full([BLOCK_G], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_G], tl.float32)
@@ -82,7 +82,8 @@ def _kernels(interpret: str | None):
             lse = tl.load(LSE + part * BLOCK_G + g)
             new_top = tl.maximum(top, lse)
             rescale, weight = tl.exp(top - new_top), tl.exp(lse - new_top)
-            acc = acc * rescale[:, None] + tl.load(PART + (part * BLOCK_G + g[:, None]) * DIM + d[None, :]) * weight[:, None]
+            chunk_out = tl.load(PART + (part * BLOCK_G + g[:, None]) * DIM + d[None, :])
+            acc = acc * rescale[:, None] + chunk_out * weight[:, None]
             total = total * rescale + weight
             top = new_top
         out = acc / total[:, None]
@@ -103,7 +104,8 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     rows = batch * kv_heads
     if splits is None:
         splits = math.ceil(PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(query.device) / rows)
-    chunk = BLOCK_SLOTS * math.ceil(slots / max(1, min(splits, math.ceil(slots / BLOCK_SLOTS))) / BLOCK_SLOTS)
+    splits = max(1, min(splits, math.ceil(slots / BLOCK_SLOTS)))
+    chunk = BLOCK_SLOTS * math.ceil(slots / splits / BLOCK_SLOTS)  # slots per chunk, a multiple of the block
     splits = math.ceil(slots / chunk)  # every chunk holds at least one slot
     block_g = max(16, _next_power_of_2(groups))  # tl.dot takes at least 16 rows
     query = query if query.stride(-1) == 1 else query.contiguous()
