@@ -31,8 +31,8 @@ PROGRAMS_PER_MULTIPROCESSOR = 2  # how many chunks to aim for: enough programs t
 
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: str | None):
-    """The two triton kernels; built on first use (and again under `TRITON_INTERPRET`, which `triton.jit` reads
-    when it decorates), so that importing vlmcompress never imports triton."""
+    """The two triton kernels, built on first use (so that a machine without triton never asks for it), and
+    again under `TRITON_INTERPRET`, which `triton.jit` reads when it decorates."""
     import triton
     import triton.language as tl
 
