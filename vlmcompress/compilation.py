@@ -46,17 +46,23 @@ def compiler_works(device: torch.device, dtype: torch.dtype) -> bool:
 def _compiler_works(device: torch.device, dtype: torch.dtype, backend) -> bool:
     hidden = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     weight = torch.ones(64, device=device, dtype=dtype)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    return agrees_or_warns(lambda: compiled(_probe, backend)(hidden, weight), lambda: _probe(hidden, weight),
+                           2e-2 if dtype != torch.float32 else 1e-5, f"torch.compile ({backend})", "eager",
+                           "its kernels run uncompiled", device)
+
+
+def agrees_or_warns(candidate, reference, tolerance: float, what: str, reference_name: str, instead: str,
+                    device: torch.device) -> bool:
+    """Whether `candidate()` runs and gives `reference()`'s values (to `tolerance`): the once-per-device probe of
+    an optional fast path. If not, one warning says so and what runs `instead`."""
     try:
-        agree = torch.allclose(compiled(_probe, backend)(hidden, weight).float(), _probe(hidden, weight).float(),
-                               rtol=tolerance, atol=tolerance)
+        agree = torch.allclose(candidate().float(), reference().float(), rtol=tolerance, atol=tolerance)
     except Exception as error:  # whatever the compiler stack raises: vlmcompress goes on without it
-        warnings.warn(f"vlmcompress: torch.compile ({backend}) does not work on {device} ({error!r}); its "
-                      "kernels run uncompiled", stacklevel=4)
+        warnings.warn(f"vlmcompress: {what} does not work on {device} ({error!r}); {instead}", stacklevel=4)
         return False
     if not agree:
-        warnings.warn(f"vlmcompress: torch.compile ({backend}) gave other values than eager on {device}; its "
-                      "kernels run uncompiled", stacklevel=4)
+        warnings.warn(f"vlmcompress: {what} gave other values than {reference_name} on {device}; {instead}",
+                      stacklevel=4)
     return agree
 
 

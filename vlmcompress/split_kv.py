@@ -20,9 +20,10 @@ from __future__ import annotations
 import functools
 import math
 import os
-import warnings
 
 import torch
+
+from . import compilation
 
 SPLIT_KV = True
 BLOCK_SLOTS = 64  # slots one program step loads; a chunk is a multiple of it
@@ -149,15 +150,7 @@ def split_kv_works(device: torch.device, dtype: torch.dtype) -> bool:
                          *(torch.randn(2, 2, 300, 64, generator=generator).to(device, dtype) for _ in range(2)))
     mask = torch.zeros(2, 2, 1, 300, dtype=dtype, device=device)
     mask[0, :, :, 250:] = torch.finfo(dtype).min
-    try:
-        ours = split_kv_attention(query, key, value, mask, 0.125, splits=3)
-    except Exception as error:  # whatever triton raises: decoding goes on with SDPA
-        warnings.warn(f"vlmcompress: the split-KV decoding kernel does not build on {device} ({error!r}); "
-                      "decoding attention uses SDPA", stacklevel=3)
-        return False
-    reference = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.125)
-    if not torch.allclose(ours.float(), reference.float(), rtol=2e-2, atol=2e-2):
-        warnings.warn(f"vlmcompress: the split-KV decoding kernel disagrees with SDPA on {device}; decoding "
-                      "attention uses SDPA", stacklevel=3)
-        return False
-    return True
+    return compilation.agrees_or_warns(
+        lambda: split_kv_attention(query, key, value, mask, 0.125, splits=3),
+        lambda: torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.125),
+        2e-2, "the split-KV decoding kernel", "SDPA", "decoding attention uses SDPA", device)
