@@ -120,20 +120,17 @@ def test_on_cuda_only_masked_bf16_or_fp16_decoding_is_taken(monkeypatch):
 
 
 @cuda_only
-def test_on_cuda_the_grouped_attention_takes_it_and_a_graph_replays_it():
+def test_on_cuda_the_grouped_attention_takes_it_and_a_graph_replays_it(monkeypatch):
     query, key, value, mask = random_case(8, 4, 7, 369, 128, torch.bfloat16, device="cuda")
     heads_query = query.reshape(8, 28, 1, 128)  # [b, heads, 1, d]: each KV head's 7 query heads in a row
-    expected, _ = grouped_sdpa_attention_forward(None, heads_query, key, value, mask, scaling=128 ** -0.5)
-    reference = literal_attention(query, key, value, mask, 128 ** -0.5).reshape(8, 28, 1, 128).transpose(1, 2)
-    torch.testing.assert_close(expected.double(), reference, rtol=2e-2, atol=2e-2)
     calls = []
     original = split_kv.split_kv_attention
-    split_kv.split_kv_attention = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
-    try:
-        grouped_sdpa_attention_forward(None, heads_query, key, value, mask, scaling=128 ** -0.5)
-    finally:
-        split_kv.split_kv_attention = original
+    monkeypatch.setattr(split_kv, "split_kv_attention", lambda *args, **kwargs: calls.append(1) or original(
+        *args, **kwargs))
+    expected, _ = grouped_sdpa_attention_forward(None, heads_query, key, value, mask, scaling=128 ** -0.5)
     assert calls == [1]
+    reference = literal_attention(query, key, value, mask, 128 ** -0.5).reshape(8, 28, 1, 128).transpose(1, 2)
+    torch.testing.assert_close(expected.double(), reference, rtol=2e-2, atol=2e-2)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
