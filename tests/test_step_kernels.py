@@ -4,6 +4,8 @@ classes whose forward agrees; compiled where torch.compile works, and given back
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import image_inputs
@@ -12,6 +14,7 @@ from test_static_decoding import QUESTIONS, assert_same_decoding, greedy, load
 import vlmcompress
 from vlmcompress import compilation
 from vlmcompress.cache import static_decoding, step_kernels
+from vlmcompress.cache.attention import rotary_function_name
 from vlmcompress.cache.base import language_model_of
 from vlmcompress.cache.step_kernels import FusedProducts, StepKernels, fuse_linears, gated_mlp, rms_norm, silu_gate
 from vlmcompress.testing import ARCHITECTURES
@@ -40,14 +43,15 @@ def gelu_mlp(size: int = 16):
 
 @pytest.fixture
 def compiled_calls(monkeypatch):
-    """Compiles with aot_eager (no C compiler or GPU needed) and counts the calls of each compiled function."""
+    """Compiles with aot_eager (no C compiler or GPU needed) and counts the calls of each compiled function (keyed
+    by the function itself: transformers >= 5.25 wraps the rotary function in an `nn.Module`, which has no name)."""
     calls = {}
 
     def counting_compile(function, backend):
         compiled = torch.compile(function, backend="aot_eager")
 
         def counted(*args, **kwargs):
-            calls[function.__name__] = calls.get(function.__name__, 0) + 1
+            calls[function] = calls.get(function, 0) + 1
             return compiled(*args, **kwargs)
         return counted
 
@@ -78,8 +82,9 @@ def test_every_norm_and_mlp_of_the_language_model_is_replaced_and_others_are_not
     assert len(kernels.norms) == 2 * len(language_model.layers) + 1  # two per layer and the final one
     assert len(kernels.mlps) == len(language_model.layers)
     assert len(kernels.projections) == len(language_model.layers)  # each attention's q/k/v as one product
-    assert [modeling.__name__ for modeling in kernels.rotary_modules] == [
-        type(language_model.layers[0].self_attn).__module__]
+    attention = type(language_model.layers[0].self_attn)
+    assert [(modeling.__name__, name) for modeling, name in kernels.rotary_functions] == [
+        (attention.__module__, rotary_function_name(attention))]
     assert not StepKernels(OnePlusWeightRMSNorm(16)).norms
     assert not StepKernels(gelu_mlp(), compile=True).mlps
     uncompiled = StepKernels(language_model, compile=False)  # the gate and up products are still fused
@@ -163,8 +168,9 @@ def test_compiled_steps_decode_like_eager_steps_and_give_the_modules_back(tiny_d
     inputs = image_inputs(processors[arch], QUESTIONS)
     model = load(tiny_dirs[arch], "snapkv", cuda_graphs=True)
     language_model = language_model_of(model)
-    modeling = __import__(type(language_model.layers[0].self_attn).__module__, fromlist=["_"])
-    upstream_rotary = modeling.apply_rotary_pos_emb
+    attention = type(language_model.layers[0].self_attn)
+    modeling, rotary_name = sys.modules[attention.__module__], rotary_function_name(attention)
+    upstream_rotary = getattr(modeling, rotary_name)
     reference = greedy(model, inputs)
     assert compiled_calls == {}
 
@@ -175,9 +181,9 @@ def test_compiled_steps_decode_like_eager_steps_and_give_the_modules_back(tiny_d
 
     assert_same_decoding(compiled, reference)
     steps, layers = len(compiled.scores) - 1, len(language_model.layers)  # the first token comes from the prompt
-    assert compiled_calls == {"rms_norm": steps * (2 * layers + 1), "silu_gate": steps * layers,
-                              "apply_rotary_pos_emb": steps * layers}
-    assert modeling.apply_rotary_pos_emb is upstream_rotary
+    assert compiled_calls == {rms_norm: steps * (2 * layers + 1), silu_gate: steps * layers,
+                              upstream_rotary: steps * layers}
+    assert getattr(modeling, rotary_name) is upstream_rotary
     assert all("forward" not in vars(module) for module in language_model.modules())
 
 
@@ -193,7 +199,7 @@ def test_a_compiler_that_fails_leaves_the_steps_uncompiled(tiny_dirs):
             kernels = StepKernels(language_model, compile=True)
     finally:
         monkeypatch_backend.undo()
-    assert not kernels.compile and not kernels.rotary_modules
+    assert not kernels.compile and not kernels.rotary_functions
     assert len(kernels.norms) == 2 * len(language_model.layers) + 1
 
 

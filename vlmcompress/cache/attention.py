@@ -49,10 +49,34 @@ def recompute_projection(module: torch.nn.Module, hidden_states: torch.Tensor, p
     if getattr(module, f"{which}_norm", None) is not None:
         states = getattr(module, f"{which}_norm")(states)
     states = states.transpose(1, 2)
-    cos, sin = position_embeddings
-    rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb
-    states, _ = rotate(states, states, cos, sin)
+    states, _ = rotary_function(module)(states, states, *position_embeddings)
     return states
+
+
+# The names transformers' modeling files give the function their attentions rotate queries and keys with:
+# Qwen2-VL's is `apply_multimodal_rotary_pos_emb` up to transformers 5.2 (3-D cos/sin, split by the
+# config's `mrope_section`), `apply_rotary_pos_emb` (cos/sin already merged) from 5.3 and in every other model.
+ROTARY_FUNCTION_NAMES = ("apply_rotary_pos_emb", "apply_multimodal_rotary_pos_emb")
+
+
+def rotary_function_name(attention_type: type) -> str | None:
+    """The global name under which `attention_type`'s modeling file holds its rotary function, if any.
+
+    The function may be a plain function or, from transformers 5.25, an `nn.Module` wrapping it."""
+    modeling = sys.modules[attention_type.__module__]
+    return next((name for name in ROTARY_FUNCTION_NAMES if callable(getattr(modeling, name, None))), None)
+
+
+def rotary_function(module: torch.nn.Module):
+    """`(q, k, cos, sin) -> (q, k)` as `module`'s own forward rotates them."""
+    name = rotary_function_name(type(module))
+    if name is None:
+        raise TypeError(f"{type(module).__name__}: its modeling file has none of {ROTARY_FUNCTION_NAMES}")
+    rotate = getattr(sys.modules[type(module).__module__], name)
+    if name == "apply_multimodal_rotary_pos_emb":
+        section = module.config.rope_parameters["mrope_section"]
+        return lambda q, k, cos, sin: rotate(q, k, cos, sin, section)
+    return rotate
 
 
 def recompute_queries(module: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:

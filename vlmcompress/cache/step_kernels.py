@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import compilation
+from .attention import rotary_function_name
 
 FUSE_PRODUCTS = True  # run the Linears that share an input as one product (`FusedProducts`)
 
@@ -136,11 +137,11 @@ class StepKernels:
         self.projections = [products for module in modules if FUSE_PRODUCTS
                             and type(module).__name__.endswith("Attention")
                             and (products := FusedProducts.of(module, ("q_proj", "k_proj", "v_proj")))]
-        # transformers' attention modules call their modeling file's `apply_rotary_pos_emb` by its global name
-        self.rotary_modules = [] if not self.compile else list({
-            sys.modules[type(module).__module__] for module in modules
+        # transformers' attention modules call their modeling file's rotary function by its global name
+        self.rotary_functions = [] if not self.compile else list({
+            (sys.modules[type(module).__module__], name) for module in modules
             if type(module).__name__.endswith("Attention") and hasattr(module, "q_proj")
-            and callable(getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None))})
+            and (name := rotary_function_name(type(module))) is not None})
         self.upstream_rotary = {}
 
     def _pointwise(self, function):
@@ -188,16 +189,16 @@ class StepKernels:
         for products in self.projections:
             for index, linear in enumerate(products.linears):
                 linear.forward = functools.partial(products.part, index)
-        for modeling in self.rotary_modules:
-            self.upstream_rotary[modeling] = modeling.apply_rotary_pos_emb
-            modeling.apply_rotary_pos_emb = self._pointwise(modeling.apply_rotary_pos_emb)
+        for modeling, name in self.rotary_functions:
+            self.upstream_rotary[modeling, name] = getattr(modeling, name)
+            setattr(modeling, name, self._pointwise(getattr(modeling, name)))
 
     def __exit__(self, *exc_info):
         shares = [linear for products in self.projections for linear in products.linears]
         for module in self.norms + list(self.mlps) + shares:
             vars(module).pop("forward", None)
-        for modeling, upstream in self.upstream_rotary.items():
-            modeling.apply_rotary_pos_emb = upstream
+        for (modeling, name), upstream in self.upstream_rotary.items():
+            setattr(modeling, name, upstream)
         self.upstream_rotary = {}
 
 
