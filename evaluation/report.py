@@ -7,12 +7,15 @@ run never leaves a half-written result.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- atomic files
 
@@ -210,8 +213,13 @@ def pareto_names(runs: list[dict], cost_key: str) -> list[str]:
 
 
 def pareto_plot(runs: list[dict], path: str | Path) -> Path | None:
-    """Accuracy vs KV bytes and vs latency, Pareto front highlighted; None when there is nothing to plot."""
-    import matplotlib
+    """Accuracy vs KV bytes and vs latency, Pareto front highlighted; None when there is nothing to plot, or
+    when matplotlib (the `eval` extra) is not installed: the tables do not need it, so the run goes on."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("pareto.png not drawn: matplotlib is not installed (pip install 'vlmcompress[eval]')")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
