@@ -161,9 +161,27 @@ def markdown_table(runs: list[dict]) -> str:
             f"{_bytes(s.get('kv_bytes'))} | {_fmt(s.get('latency_s'), 4)} | {_bytes(s.get('peak_memory_bytes'))} | "
             f"{s.get('failures', 0) if not run.get('error') else 'config failed'} | "
             f"{'yes' if run['name'] in front_kv else 'no'} / {'yes' if run['name'] in front_lat else 'no'} |")
+    lines += effivlm_table(runs)
     for task in dict.fromkeys(t for run in runs for t in run.get("tasks", {})):
         lines += breakdown_table(runs, task)
     return "\n".join(lines) + "\n"
+
+
+def effivlm_table(runs: list[dict]) -> list[str]:
+    """Lines of the EffiVLM-Bench summary table (evaluation/summary.py): OP, OL, OE and each task's score
+    relative to the baseline, one row per compressed config; none without a compressed config."""
+    compressed = [run for run in runs if not run.get("baseline")]
+    if not compressed:
+        return []
+    tasks = list(dict.fromkeys(t for run in runs for t in run.get("tasks", {})))
+    lines = ["", "| config | OP | OL | OE | " + " | ".join(f"{t} relative" for t in tasks) + " |",
+             "|" + "---|" * (4 + len(tasks))]
+    for run in compressed:
+        s = run.get("summary") or {}
+        relative = s.get("relative_performance") or {}
+        lines.append(f"| {run['name']} | {_fmt(s.get('OP'))} | {_fmt(s.get('OL'))} | {_fmt(s.get('OE'), 2)} | "
+                     + " | ".join(_fmt(relative.get(t)) for t in tasks) + " |")
+    return lines
 
 
 def breakdown_table(runs: list[dict], task: str) -> list[str]:

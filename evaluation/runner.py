@@ -24,6 +24,7 @@ from . import efficiency
 from .cache import ResponseCache, cache_key
 from .data import SampleError, TaskData
 from .metrics import agreement
+from .summary import config_metrics, mean_of_defined
 from .tasks import Task
 from .tasks.formats import AGGREGATIONS, SCORERS, loyalty_references
 
@@ -324,26 +325,23 @@ def score_task(task: Task, records: list[dict], baseline: list[dict] | None = No
     return out
 
 
-def summarize_run(task_results: dict) -> dict:
-    """Cross-task means for one config (accuracy, loyalty, agreement, efficiency)."""
-
-    def avg(values):
-        values = [v for v in values if v is not None]
-        return mean(values) if values else None
-
+def summarize_run(task_results: dict, baseline_tasks: dict | None = None) -> dict:
+    """Cross-task means for one config (accuracy, loyalty, agreement, efficiency) and EffiVLM-Bench's OP, OL,
+    OE against the baseline's task results (evaluation/summary.py)."""
     res = list(task_results.values())
     summary = {
-        "accuracy": avg(t.get("accuracy") for t in res),
-        "loyalty": avg(t.get("loyalty") for t in res),
-        "agreement": avg(t.get("agreement") for t in res),
+        "accuracy": mean_of_defined(t.get("accuracy") for t in res),
+        "loyalty": mean_of_defined(t.get("loyalty") for t in res),
+        "agreement": mean_of_defined(t.get("agreement") for t in res),
         "failures": sum(t["failures"] for t in res),
         "n_samples": sum(t["n_samples"] for t in res),
     }
     for key in ("kv_bytes", "latency_s", "ttft_s", "prefill_s", "decode_s_per_token", "visual_tokens",
                 "prompt_tokens", "kv_bytes_ratio", "speedup"):
-        summary[key] = avg(t["efficiency"].get(key) for t in res)
+        summary[key] = mean_of_defined(t["efficiency"].get(key) for t in res)
     peaks = [t["efficiency"].get("peak_memory_bytes") for t in res if t["efficiency"].get("peak_memory_bytes")]
     summary["peak_memory_bytes"] = max(peaks) if peaks else None
+    summary.update(config_metrics(task_results, baseline_tasks))
     return summary
 
 
@@ -409,7 +407,9 @@ def evaluate(settings: Settings, configs: list[dict], on_run_done=None, runner_f
                 run["tasks"][task.name] = score_task(task, records, compare, settings.predict_only)
                 run["records"][task.name] = records
             runner.close()
-        run["summary"] = summarize_run({k: v for k, v in run["tasks"].items() if "error" not in v})
+        baseline_tasks = next((r["tasks"] for r in runs if r["baseline"] and not r["error"]), None)
+        run["summary"] = summarize_run({k: v for k, v in run["tasks"].items() if "error" not in v},
+                                       None if run["baseline"] else baseline_tasks)
         runs.append(run)
         if on_run_done is not None:
             on_run_done(runs)
