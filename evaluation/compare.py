@@ -57,8 +57,8 @@ def check_same_tasks(loaded: list[dict]) -> list[str]:
     for other in loaded[1:]:
         theirs = list(other["document"]["config"].get("tasks") or other["baseline"]["tasks"])
         if sorted(theirs) != sorted(tasks):
-            raise InputError(f"{other['path']} has tasks {','.join(theirs)} but {first['path']} has "
-                             f"{','.join(tasks)}; OG compares the same tasks on every model: rerun with the same --tasks")
+            raise InputError(f"{other['path']} has tasks {','.join(theirs)} but {first['path']} has {','.join(tasks)}; "
+                             "OG compares the same tasks on every model: rerun with the same --tasks")
     return tasks
 
 
@@ -114,8 +114,10 @@ def markdown(comparison: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="RUN", help="folder written by evaluation/run.py --output_path, or its results.json")
-    p.add_argument("--output_path", default=None, metavar="DIR", help="also write DIR/comparison.json and DIR/comparison.md")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="folder written by evaluation/run.py --output_path, or its results.json")
+    p.add_argument("--output_path", default=None, metavar="DIR",
+                   help="also write DIR/comparison.json and DIR/comparison.md")
     return p
 
 

@@ -182,7 +182,8 @@ def test_real_runs_of_the_two_reference_checkpoints(tmp_path, capsys):
         # expected from the per-sample log: exact-match counts, loyalty per sample, mean latencies
         expected_op = sum(s["scores"]["exact_match"] for s in comp) / sum(s["scores"]["exact_match"] for s in base)
         expected_ol = sum(s["loyalty"]["exact_match"] for s in comp) / len(comp)
-        expected_oe = (sum(s["stats"]["latency_s"] for s in base) / len(base)) / (sum(s["stats"]["latency_s"] for s in comp) / len(comp))
+        mean_latency = [sum(s["stats"]["latency_s"] for s in log) / len(log) for log in (base, comp)]
+        expected_oe = mean_latency[0] / mean_latency[1]
         (run,) = [r for r in json.loads((out / "results.json").read_text())["runs"] if r["name"] == config]
         assert run["summary"]["OP"] == pytest.approx(expected_op)
         assert run["summary"]["OL"] == pytest.approx(expected_ol)
