@@ -46,7 +46,7 @@ def load_run(path: str) -> dict:
                                           for t in baseline.get("tasks", {}).values())
     if not scored:
         raise InputError(f"{file}: no scored baseline run, so nothing is relative to it; rerun it without "
-                         "--predict_only and check why the baseline failed (results.json 'runs'[0]['error'])")
+                         "--predict_only, or see the baseline's 'error' in that file for why it failed")
     return {"path": str(file), "document": document, "baseline": baseline}
 
 
