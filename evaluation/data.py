@@ -66,17 +66,25 @@ def local_path(data_dir: str | os.PathLike, name: str, dataset_id: str | None = 
     return None
 
 
-def load_rows(task: Task, data_dir: str | None = None, suffix: str = "", dataset=None, config=None, split=None):
-    """The task's split as a datasets.Dataset with undecoded images, from data_dir or the Hub."""
+def load_rows(task: Task, data_dir: str | None = None, suffix: str = "", dataset=None, config=None, split=None,
+              n: int | None = None):
+    """The task's split as a datasets.Dataset with undecoded images: from data_dir when a copy is there, else
+    drawn by the task's builder (synthetic benchmarks; the first `n` rows, all when None), else from the Hub."""
+    from .tasks.synthetic import builder
+
     dataset, config, split = dataset or task.dataset, config if config is not None else task.config, split or task.split
+    build = None if suffix else builder(task.name)
     if data_dir:
         path = local_path(data_dir, task.name + suffix, dataset)
-        if path is None:
+        if path is not None:
+            return _undecoded(_load_local(path, split))
+        if build is None:
             raise FileNotFoundError(
                 f"no local copy of {task.name}{suffix} under {data_dir}: expected {Path(data_dir) / (task.name + suffix)} "
                 "(a save_to_disk folder or parquet files)"
             )
-        return _undecoded(_load_local(path, split))
+    if build is not None:
+        return _undecoded(build(split, n))
     import datasets
 
     errors = []
@@ -189,7 +197,7 @@ class TaskData:
 
     def __init__(self, task: Task, data_dir: str | None = None, limit: int | None = None, num_frames: int = 16):
         self.task = task
-        self.rows = load_rows(task, data_dir)
+        self.rows = load_rows(task, data_dir, n=limit)
         if limit is not None:
             self.rows = self.rows.select(range(min(limit, len(self.rows))))
         self.num_frames = num_frames

@@ -10,10 +10,11 @@ Everything the default uses is set here, in one place (`DEFAULT`):
   model built by vlmcompress.testing on small local copies of a few benchmarks. Its accuracies are
   meaningless; the printed header says so.
 
-Model (tiny only) and data are built once and kept under `DEFAULT_HOME` (env VLMCOMPRESS_EVAL_HOME,
-default ~/.cache/vlmcompress/evaluation), with results in `DEFAULT_HOME/results` (results.json,
-results.md, pareto.png) and a response cache that a retrained checkpoint or a changed benchmark
-generator does not reuse.
+Results (results.json, results.md, pareto.png) go to `./results/` of the working folder (env
+VLMCOMPRESS_EVAL_HOME names another), with the response cache in its `cache/` (one per checkpoint
+and benchmark generator, so a retrained checkpoint or a changed generator is not served stale
+answers). SynthVQA is drawn by its builder at each run; the tiny fallback's model and local data
+copies are built once under `models/` and `data/` of the same folder.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import os
 from pathlib import Path
 
-DEFAULT_HOME = Path(os.environ.get("VLMCOMPRESS_EVAL_HOME", Path.home() / ".cache" / "vlmcompress" / "evaluation"))
+DEFAULT_HOME = "results"  # relative to the working folder, where a user looks for results
 # where evaluation/reference/train.py's checkpoints are copied (evaluation/reference/README.md)
 CHECKPOINTS = Path(__file__).resolve().parent / "reference" / "checkpoints"
 
@@ -191,24 +192,27 @@ def prepare(home: str | Path | None = None, spec: dict | None = None, checkpoint
 
             save_tiny_model(d["arch"], model_dir)
         model = str(model_dir)
-    data_dir = home / "data"
-    stamp = data_dir / "default.json"
-    data_fp = data_fingerprint(d["tasks"])
-    wanted = {"tasks": d["tasks"], "n": d["samples_per_task"], **({"generator": data_fp} if data_fp else {})}
-    if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
-        from .tasks.synthetic import write_local_dataset
+    from .tasks.synthetic import builder, write_local_dataset
 
-        for name in d["tasks"]:
-            write_local_dataset(name, data_dir, n=d["samples_per_task"])
-        stamp.write_text(json.dumps(wanted))
+    # tasks with a builder (SynthVQA) draw their rows at each run; the others get small local copies
+    copies = [name for name in d["tasks"] if builder(name) is None]
+    data_dir = home / "data" if copies else None
+    if copies:
+        stamp = data_dir / "default.json"
+        wanted = {"tasks": copies, "n": d["samples_per_task"]}
+        if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
+            for name in copies:
+                write_local_dataset(name, data_dir, n=d["samples_per_task"])
+            stamp.write_text(json.dumps(wanted))
     if d["mode"] == "reference":
         # answers cached for another checkpoint or another benchmark generator are not reused
+        data_fp = data_fingerprint(d["tasks"])
         cache_dir = home / "cache" / f"{d['arch']}-{file_fingerprint(Path(model) / 'model.safetensors')}-{data_fp}"
     # a config whose method is unknown fails on its own in the runner, as on the command line
     configs = list(d["configs"]) + list(d.get("prune_configs", []))
-    out = {"pretrained": model, "data_dir": str(data_dir), "tasks": d["tasks"], "configs": configs,
-           "gen_kwargs": d["gen_kwargs"], "batch_size": d["batch_size"], "seed": d["seed"],
-           "cache_dir": str(cache_dir), "output_path": str(home / "results"), "mode": d["mode"], "arch": d["arch"],
+    out = {"pretrained": model, "data_dir": data_dir and str(data_dir), "tasks": d["tasks"], "configs": configs,
+           "limit": d["samples_per_task"], "gen_kwargs": d["gen_kwargs"], "batch_size": d["batch_size"],
+           "seed": d["seed"], "cache_dir": str(cache_dir), "output_path": str(home), "mode": d["mode"], "arch": d["arch"],
            "samples_per_task": d["samples_per_task"], "searched": d["searched"]}
     out["header"] = header(out)
     if echo:

@@ -1,11 +1,12 @@
 """Outputs: results.json, per-sample JSONL, the Markdown table, the Pareto front and its plot.
 
 Every file is written atomically (a temporary file in the same folder, then os.replace), so a killed
-run never leaves a half-written result.
+run never leaves a half-written result, and gets the mode a plain `open` would give (0666 less the umask).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -17,14 +18,34 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+
+class OutputError(OSError):
+    """The output folder cannot be written (a file in its place, no space, read-only...)."""
+
+
 # --------------------------------------------------------------------------- atomic files
+
+
+def umask() -> int:
+    """The process umask, read from /proc where Linux shows it: setting it to read it races other threads."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the writer's pid in the name lets a later run remove what a killed one left (remove_stale_temporaries)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -35,6 +56,21 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files (`.NAME.PID.RANDOM.tmp`) of writers that are gone: a process killed between
+    writing a temporary file and renaming it leaves one."""
+    for tmp in folder.glob(".*.tmp"):
+        pid = tmp.name.split(".")[-3]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _jsonable(obj):
@@ -263,26 +299,30 @@ def pareto_plot(runs: list[dict], path: str | Path) -> Path | None:
         ax.legend(fontsize=8)
     fig.suptitle("accuracy vs cost")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, png.getvalue())
 
 
 def write_outputs(output: str | Path, runs: list[dict], settings, cli_args=None, log_samples=False, final=True) -> dict:
-    """results.json, results.md, samples_*.jsonl (log_samples) and pareto.png (more than one config)."""
+    """results.json, results.md, samples_*.jsonl (log_samples) and pareto.png (more than one config).
+
+    Raises OutputError when the folder cannot be written."""
     output = Path(output)
     doc = results_document(runs, settings, cli_args)
-    paths = {"results": atomic_write(output / "results.json", json.dumps(doc, indent=2)),
-             "table": atomic_write(output / "results.md", markdown_table(runs))}
-    if log_samples:
-        paths["samples"] = write_samples(output, runs)
-    if final and len(runs) > 1:
-        plot = pareto_plot(runs, output / "pareto.png")
-        if plot:
-            paths["pareto"] = plot
+    try:
+        if output.is_dir():
+            remove_stale_temporaries(output)
+        paths = {"results": atomic_write(output / "results.json", json.dumps(doc, indent=2)),
+                 "table": atomic_write(output / "results.md", markdown_table(runs))}
+        if log_samples:
+            paths["samples"] = write_samples(output, runs)
+        if final and len(runs) > 1:
+            plot = pareto_plot(runs, output / "pareto.png")
+            if plot:
+                paths["pareto"] = plot
+    except OSError as exc:
+        raise OutputError(f"cannot write the results to {output}: {exc.strerror or exc}"
+                          + (f" ({exc.filename})" if exc.filename else "")) from exc
     return paths

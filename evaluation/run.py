@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="comma-separated task names, or 'list'")
     p.add_argument("--limit", type=int, default=None, help="first N samples of each task")
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--output_path", default=None, help="folder for results.json, results.md, samples, pareto.png")
+    p.add_argument("--output_path", default="results",
+                   help="folder for results.json, results.md, samples, pareto.png (default: ./results)")
     p.add_argument("--log_samples", action="store_true", help="write per-sample JSONL")
     p.add_argument("--use_cache", default=None, metavar="DIR", help="SQLite response cache folder (resume, reuse)")
     p.add_argument("--gen_kwargs", default="", help="e.g. max_new_tokens=32,temperature=0")
@@ -62,6 +63,20 @@ def list_tasks() -> str:
     return "\n".join(lines)
 
 
+def quiet_libraries(level: int) -> None:
+    """transformers' and datasets' own progress bars (one per model load) off below DEBUG, since the run shows one
+    overall bar; their log messages follow --verbosity, except that INFO shows only their warnings."""
+    import datasets
+    import transformers
+
+    if level > logging.DEBUG:
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    library_level = logging.WARNING if level == logging.INFO else level
+    transformers.utils.logging.set_verbosity(library_level)
+    datasets.utils.logging.set_verbosity(library_level)
+
+
 def distributed() -> tuple[int, int, str | None]:
     """(rank, world size, device) under `accelerate launch`; (0, 1, None) otherwise."""
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or any(k.startswith("ACCELERATE_") for k in os.environ)
@@ -78,11 +93,12 @@ def distributed() -> tuple[int, int, str | None]:
 def main(argv: list[str] | None = None, runner_factory=None) -> list[dict] | None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.verbosity.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, args.verbosity.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tasks == "list":
         print(list_tasks())
         return None
+    quiet_libraries(level)
 
     configs = None
     if not argv:  # the embedded default
@@ -91,7 +107,7 @@ def main(argv: list[str] | None = None, runner_factory=None) -> list[dict] | Non
         log.info("no arguments: running the embedded offline default (see evaluation/default.py)")
         d = prepare()
         args.model_args = f"pretrained={d['pretrained']}"
-        args.tasks, args.data_dir = ",".join(d["tasks"]), d["data_dir"]
+        args.tasks, args.data_dir, args.limit = ",".join(d["tasks"]), d["data_dir"], d["limit"]
         args.gen_kwargs = ",".join(f"{k}={v}" for k, v in d["gen_kwargs"].items())
         args.batch_size, args.seed = d["batch_size"], d["seed"]
         args.use_cache, args.output_path = d["cache_dir"], d["output_path"]
@@ -112,23 +128,29 @@ def main(argv: list[str] | None = None, runner_factory=None) -> list[dict] | Non
         tasks=resolve_tasks(args.tasks), model_args=model_args, family=args.model, limit=args.limit,
         batch_size=max(1, args.batch_size), gen_kwargs=parse_kv_list(args.gen_kwargs), seed=args.seed, device=device,
         data_dir=args.data_dir, cache_dir=args.use_cache, num_frames=args.num_frames, predict_only=args.predict_only,
-        progress=rank == 0 and args.verbosity.upper() != "ERROR", rank=rank, world=world,
+        progress=rank == 0 and level <= logging.INFO, rank=rank, world=world,
     )
     log.info("configs: %s", ", ".join(run_name(c) for c in configs))
     main_process = rank == 0
 
     def checkpoint(runs):
-        if main_process and args.output_path:
+        if main_process:
             report.write_outputs(args.output_path, runs, settings, vars(args), log_samples=False, final=False)
 
     kwargs = {"runner_factory": runner_factory} if runner_factory else {}
-    runs = evaluate(settings, configs, on_run_done=checkpoint, **kwargs)
-    if main_process:
-        if args.output_path:
+    try:
+        runs = evaluate(settings, configs, on_run_done=checkpoint, **kwargs)
+        if main_process:
             paths = report.write_outputs(args.output_path, runs, settings, vars(args),
                                          log_samples=args.log_samples or args.predict_only)
-            log.info("wrote %s", ", ".join(str(p) for v in paths.values() for p in (v if isinstance(v, list) else [v])))
+    except report.OutputError as exc:
+        resume = (f"every finished answer is kept in the response cache {args.use_cache}: rerun the same command to "
+                  "resume" if args.use_cache else "--use_cache DIR keeps finished answers for a rerun")
+        sys.exit(f"error: {exc}; {resume}")
+    if main_process:
         print(report.markdown_table(runs))
+        files = [Path(p).name for v in paths.values() for p in (v if isinstance(v, list) else [v])]
+        print(f"results: {Path(args.output_path).resolve()} ({', '.join(files)})")
     return runs
 
 

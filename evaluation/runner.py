@@ -219,8 +219,9 @@ def _record(sample: dict | None, doc_id: int, **extra) -> dict:
 
 
 def generate_task(runner, data: TaskData, settings: Settings, config: dict, cache: ResponseCache | None,
-                  family: str, model_key: dict) -> list[dict]:
-    """Predictions for this rank's share of `data`: cached ones reused, the rest generated and cached at once."""
+                  family: str, model_key: dict, bar=None) -> list[dict]:
+    """Predictions for this rank's share of `data`: cached ones reused, the rest generated and cached at once.
+    `bar` (the run's progress bar) advances by one per sample."""
     from tqdm.auto import tqdm
 
     task = data.task
@@ -228,7 +229,7 @@ def generate_task(runner, data: TaskData, settings: Settings, config: dict, cach
     ids = shard_ids(len(data), settings.rank, settings.world)
     records: list[dict] = []
     pending: list[tuple[dict, str | None]] = []
-    bar = tqdm(total=len(ids), desc=f"{run_name(config)} | {task.name}", disable=not settings.progress, leave=False)
+    bar = bar if bar is not None else tqdm(disable=True)
 
     def flush():
         if not pending:
@@ -279,7 +280,6 @@ def generate_task(runner, data: TaskData, settings: Settings, config: dict, cach
         if len(pending) >= settings.batch_size:
             flush()
     flush()
-    bar.close()
     return sorted(records, key=lambda r: r["doc_id"])
 
 
@@ -369,6 +369,17 @@ def evaluate(settings: Settings, configs: list[dict], on_run_done=None, runner_f
     if "pretrained" not in base:
         raise ValueError("--model_args needs pretrained=<hub id or folder>")
     cache = ResponseCache(settings.cache_dir) if settings.cache_dir else None
+    try:
+        return _evaluate(settings, configs, base, cache, on_run_done, runner_factory)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _evaluate(settings: Settings, configs: list[dict], base: dict, cache: ResponseCache | None, on_run_done,
+              runner_factory) -> list[dict]:
+    from tqdm.auto import tqdm
+
     mkey = model_key(base)
     datas = {}
     for task in settings.tasks:
@@ -379,8 +390,14 @@ def evaluate(settings: Settings, configs: list[dict], on_run_done=None, runner_f
             datas[task.name] = exc
     baseline_records: dict[str, list[dict]] = {}
     runs = []
+    # one bar for the whole run: configs x this rank's samples, with its ETA
+    per_config = sum(len(shard_ids(len(d), settings.rank, settings.world)) for d in datas.values()
+                     if not isinstance(d, Exception))
+    bar = tqdm(total=len(configs) * per_config, unit="sample", disable=not settings.progress, dynamic_ncols=True)
     for config in configs:
         name = run_name(config)
+        bar.set_description(name)
+        done_before = bar.n
         run = {"name": name, "compression": config, "baseline": is_baseline(config), "tasks": {}, "error": None,
                "records": {}}
         runner = None
@@ -399,7 +416,7 @@ def evaluate(settings: Settings, configs: list[dict], on_run_done=None, runner_f
                                                "efficiency": {}}
                     continue
                 seed_everything(settings.seed)
-                records = generate_task(runner, data, settings, config, cache, family, mkey)
+                records = generate_task(runner, data, settings, config, cache, family, mkey, bar)
                 records = gather(records, settings.world)
                 if run["baseline"]:
                     baseline_records[task.name] = records
@@ -407,12 +424,12 @@ def evaluate(settings: Settings, configs: list[dict], on_run_done=None, runner_f
                 run["tasks"][task.name] = score_task(task, records, compare, settings.predict_only)
                 run["records"][task.name] = records
             runner.close()
+        bar.update(done_before + per_config - bar.n)  # a config that failed to load skips its samples
         baseline_tasks = next((r["tasks"] for r in runs if r["baseline"] and not r["error"]), None)
         run["summary"] = summarize_run({k: v for k, v in run["tasks"].items() if "error" not in v},
                                        None if run["baseline"] else baseline_tasks)
         runs.append(run)
         if on_run_done is not None:
             on_run_done(runs)
-    if cache is not None:
-        cache.close()
+    bar.close()
     return runs

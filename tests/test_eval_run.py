@@ -237,7 +237,7 @@ def test_default_run_without_arguments(tmp_path, monkeypatch, capsys):
     runs = cli.main([])
     assert [r["name"] for r in runs] == ["baseline", "kv=snapkv,kv_budget=0.5,window_size=4"]
     assert all(r["tasks"]["mme"]["n_scored"] == 2 for r in runs)
-    assert (tmp_path / "results" / "results.json").exists() and (tmp_path / "models" / "qwen2_vl").is_dir()
+    assert (tmp_path / "results.json").exists() and (tmp_path / "models" / "qwen2_vl").is_dir()
     assert "| baseline | mme |" in capsys.readouterr().out
 
 

@@ -432,10 +432,10 @@ def features():
 
 
 def build_split(split: str, n: int | None = None, start: int = 0):
-    """Rows [start, start + n) of `split` as a `datasets.Dataset` (n defaults to SPLIT_SIZES[split])."""
+    """Rows [start, start + n) of `split` as a `datasets.Dataset`, ending at the split's end (SPLIT_SIZES[split])."""
     import datasets
 
-    n = SPLIT_SIZES[split] if n is None else n
+    n = SPLIT_SIZES[split] - start if n is None else min(n, SPLIT_SIZES[split] - start)
     rows = [make_sample(split, i) for i in range(start, start + n)]
     return datasets.Dataset.from_list(rows, features=features())
 
