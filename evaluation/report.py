@@ -323,6 +323,6 @@ def write_outputs(output: str | Path, runs: list[dict], settings, cli_args=None,
             if plot:
                 paths["pareto"] = plot
     except OSError as exc:
-        raise OutputError(f"cannot write the results to {output}: {exc.strerror or exc}"
-                          + (f" ({exc.filename})" if exc.filename else "")) from exc
+        why = "a file is in its place" if output.is_file() else f"{exc.strerror or exc} ({exc.filename or output})"
+        raise OutputError(f"cannot write the results to {output}: {why}") from exc
     return paths

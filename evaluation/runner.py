@@ -368,18 +368,9 @@ def evaluate(settings: Settings, configs: list[dict], on_run_done=None, runner_f
     base, _ = split_model_args(settings.model_args)
     if "pretrained" not in base:
         raise ValueError("--model_args needs pretrained=<hub id or folder>")
-    cache = ResponseCache(settings.cache_dir) if settings.cache_dir else None
-    try:
-        return _evaluate(settings, configs, base, cache, on_run_done, runner_factory)
-    finally:
-        if cache is not None:
-            cache.close()
-
-
-def _evaluate(settings: Settings, configs: list[dict], base: dict, cache: ResponseCache | None, on_run_done,
-              runner_factory) -> list[dict]:
     from tqdm.auto import tqdm
 
+    cache = ResponseCache(settings.cache_dir) if settings.cache_dir else None
     mkey = model_key(base)
     datas = {}
     for task in settings.tasks:
@@ -432,4 +423,6 @@ def _evaluate(settings: Settings, configs: list[dict], base: dict, cache: Respon
         if on_run_done is not None:
             on_run_done(runs)
     bar.close()
+    if cache is not None:
+        cache.close()
     return runs
