@@ -212,7 +212,8 @@ def prepare(home: str | Path | None = None, spec: dict | None = None, checkpoint
     configs = list(d["configs"]) + list(d.get("prune_configs", []))
     out = {"pretrained": model, "data_dir": data_dir and str(data_dir), "tasks": d["tasks"], "configs": configs,
            "limit": d["samples_per_task"], "gen_kwargs": d["gen_kwargs"], "batch_size": d["batch_size"],
-           "seed": d["seed"], "cache_dir": str(cache_dir), "output_path": str(home), "mode": d["mode"], "arch": d["arch"],
+           "seed": d["seed"], "cache_dir": str(cache_dir), "output_path": str(home), "mode": d["mode"],
+           "arch": d["arch"],
            "samples_per_task": d["samples_per_task"], "searched": d["searched"]}
     out["header"] = header(out)
     if echo:

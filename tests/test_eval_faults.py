@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluation import run as cli  # noqa: E402
 from evaluation.cache import ResponseCache  # noqa: E402
-from evaluation.runner import ModelRunner, run_name  # noqa: E402
+from evaluation.runner import ModelRunner  # noqa: E402
+from test_eval_run import Counting  # noqa: E402  (the real runner, counting generated samples per config)
 
 LIMIT = 4
 SWEEP = ["kv=streamingllm,snapkv", "kv_budget=0.5"]
@@ -64,7 +65,8 @@ def cache_rows(cache: Path) -> tuple[str, int]:
         return "absent", 0
     conn = sqlite3.connect(cache / "responses.sqlite")
     try:
-        return conn.execute("PRAGMA integrity_check").fetchone()[0], conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        verdict = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        return verdict, conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
     except sqlite3.OperationalError:  # created, the table not yet
         return "absent", 0
     finally:
@@ -185,19 +187,6 @@ def test_sigkill_at_seeded_points_then_rerun_gives_the_uninterrupted_results(mod
 # --------------------------------------------------------------------------- one cache, two processes
 
 
-class Counting(ModelRunner):
-    generated: Counter = Counter()
-
-    def __init__(self, base, compression, device=None):
-        super().__init__(base, compression, device)
-        self.name = run_name(compression)
-
-    def generate(self, samples, gen_kwargs):
-        Counting.generated[self.name] += len(samples)
-        return super().generate(samples, gen_kwargs)
-
-
-
 def test_two_clis_on_one_cache_at_once_lose_nothing(model, uninterrupted, tmp_path):
     cache = tmp_path / "cache"
     processes = [FORK.Process(target=_child, args=(argv(model, tmp_path / f"out{i}", cache), None)) for i in range(2)]
@@ -208,9 +197,9 @@ def test_two_clis_on_one_cache_at_once_lose_nothing(model, uninterrupted, tmp_pa
     assert [p.exitcode for p in processes] == [0, 0]
     assert cache_rows(cache) == ("ok", CONFIGS * LIMIT)
     assert outcome(tmp_path / "out0") == outcome(tmp_path / "out1") == outcome(uninterrupted)
-    Counting.generated.clear()
+    Counting.calls.clear()
     cli.main(argv(model, tmp_path / "again", cache), runner_factory=Counting)
-    assert sum(Counting.generated.values()) == 0  # every answer either process generated is in the cache
+    assert sum(Counting.calls.values()) == 0  # every answer either process generated is in the cache
 
 
 def _write_answers(directory: str, writer: int, n: int, start) -> None:
@@ -257,7 +246,7 @@ def test_an_output_folder_that_becomes_unwritable_stops_with_one_line_and_the_re
         model, uninterrupted, tmp_path, monkeypatch):
     out, cache = tmp_path / "out", tmp_path / "cache"
     monkeypatch.setattr(ReplacesTheOutputFolder, "out", out)
-    Counting.generated.clear()
+    Counting.calls.clear()
     with pytest.raises(SystemExit) as stopped:
         cli.main(argv(model, out, cache), runner_factory=ReplacesTheOutputFolder)
     message = str(stopped.value.code)
@@ -265,10 +254,10 @@ def test_an_output_folder_that_becomes_unwritable_stops_with_one_line_and_the_re
     assert "\n" not in message
     assert f"response cache {cache}" in message and "rerun the same command to resume" in message
     # it stopped at the checkpoint after the second config: the third never ran; both are in the cache, intact
-    assert set(Counting.generated) == {"baseline", "kv=streamingllm,kv_budget=0.5"}
+    assert set(Counting.calls) == {"baseline", "kv=streamingllm,kv_budget=0.5"}
     assert cache_rows(cache) == ("ok", 2 * LIMIT)
     out.unlink()
-    Counting.generated.clear()
+    Counting.calls.clear()
     cli.main(argv(model, out, cache), runner_factory=Counting)
-    assert dict(Counting.generated) == {"kv=snapkv,kv_budget=0.5": LIMIT}  # only what was missing
+    assert dict(Counting.calls) == {"kv=snapkv,kv_budget=0.5": LIMIT}  # only what was missing
     assert outcome(out) == outcome(uninterrupted)
