@@ -365,11 +365,11 @@ def model_key(base: dict) -> dict:
 
 def evaluate(settings: Settings, configs: list[dict], on_run_done=None, runner_factory=ModelRunner) -> list[dict]:
     """Run every config over every task; returns one result dict per config (baseline first)."""
+    from tqdm.auto import tqdm
+
     base, _ = split_model_args(settings.model_args)
     if "pretrained" not in base:
         raise ValueError("--model_args needs pretrained=<hub id or folder>")
-    from tqdm.auto import tqdm
-
     cache = ResponseCache(settings.cache_dir) if settings.cache_dir else None
     mkey = model_key(base)
     datas = {}
