@@ -10,6 +10,9 @@
         --sweep kv=snapkv,pyramidkv,vlcache kv_budget=0.01,0.1,0.4 --output_path results/
     accelerate launch evaluation/run.py ...       # data parallel: samples sharded by rank
 
+Every argument is checked before any model is loaded. Exit status: 0 when every requested
+(task, config) pair scored all its samples; 1 when some sample failed or some pair scored none
+(the last line counts them); 2 for a bad argument (one line that names the fix).
 See docs/evaluation.md.
 """
 
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_cache", default=None, metavar="DIR", help="SQLite response cache folder (resume, reuse)")
     p.add_argument("--gen_kwargs", default="", help="e.g. max_new_tokens=32,temperature=0")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available); checked up front")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--data_dir", default=None, help="local dataset copies: DIR/<task> (save_to_disk or parquet)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
                    help="run the baseline, then every combination of these values (over --model_args)")
