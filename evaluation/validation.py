@@ -38,7 +38,6 @@ class Checked:
     configs: list[dict]
     tasks: list[Task]
     gen_kwargs: dict
-    model_type: str
 
 
 def at_least_one(text: str) -> int:
@@ -78,9 +77,9 @@ def check_arguments(args: argparse.Namespace, configs: list[dict] | None = None)
     if args.use_cache:
         check_cache_folder(args.use_cache)
     hub = HubAccess()
-    model_type = check_checkpoint(str(model_args["pretrained"]), args.model, hub)
+    check_checkpoint(str(model_args["pretrained"]), args.model, hub)
     check_data(tasks, args.data_dir, hub)
-    return Checked(model_args, configs, tasks, gen_kwargs, model_type)
+    return Checked(model_args, configs, tasks, gen_kwargs)
 
 
 # --------------------------------------------------------------------------- tasks and configs
@@ -168,8 +167,8 @@ def try_generation(kwargs: dict) -> None:
     GenerationConfig(**kwargs).validate(strict=True)
     config = LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=4, num_hidden_layers=1, num_attention_heads=1,
                          num_key_value_heads=1, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    scratch = LlamaForCausalLM(config).eval()
-    with torch.inference_mode():
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():  # leaves the run's random state alone
+        scratch = LlamaForCausalLM(config).eval()
         scratch.generate(torch.tensor([[2, 3]]), attention_mask=torch.ones(1, 2, dtype=torch.long),
                          stopping_criteria=[FirstToken()], **kwargs)
 
