@@ -7,6 +7,7 @@ image fails one sample, not the whole split.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -44,6 +45,8 @@ def _load_local(path: Path, split: str):
     import datasets
 
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        if (path / "state.json").exists() and not json.loads((path / "state.json").read_text()).get("_data_files"):
+            raise ValueError(f"{path} is an empty dataset (saved with no rows): write a copy that has rows")
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -200,6 +203,8 @@ class TaskData:
         self.rows = load_rows(task, data_dir, n=limit)
         if limit is not None:
             self.rows = self.rows.select(range(min(limit, len(self.rows))))
+        if len(self.rows) == 0:
+            raise ValueError(f"{task.name} has no rows in its {task.split!r} split")
         self.num_frames = num_frames
         self.image_index = None
         if task.image_join:

@@ -10,6 +10,9 @@
         --sweep kv=snapkv,pyramidkv,vlcache kv_budget=0.01,0.1,0.4 --output_path results/
     accelerate launch evaluation/run.py ...       # data parallel: samples sharded by rank
 
+Every argument is checked before any model is loaded. Exit status: 0 when every requested
+(task, config) pair scored all its samples; 1 when some sample failed or some pair scored none
+(the last line counts them); 2 for a bad argument (one line that names the fix).
 See docs/evaluation.md.
 """
 
@@ -25,21 +28,22 @@ if __package__ in (None, ""):  # `python evaluation/run.py`: make the repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluation import report  # noqa: E402
-from evaluation.runner import (  # noqa: E402
-    FAMILIES, Settings, build_configs, evaluate, parse_kv_list, parse_sweep, run_name,
-)
-from evaluation.tasks import TASKS, resolve_tasks  # noqa: E402
+from evaluation.runner import Settings, evaluate, run_name  # noqa: E402
+from evaluation.tasks import TASKS  # noqa: E402
+from evaluation.validation import UsageError, at_least_one, check_arguments  # noqa: E402
+from vlmcompress import SUPPORTED_MODEL_TYPES  # noqa: E402
 
 log = logging.getLogger("evaluation")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="auto", help=f"model family for prompts: auto (from the config) or one of {FAMILIES}")
+    p.add_argument("--model", default="auto", choices=("auto", *SUPPORTED_MODEL_TYPES),
+                   help="model family (prompts): auto, the checkpoint's model_type, or that model_type itself")
     p.add_argument("--model_args", default="", help="pretrained=PATH,kv=snapkv,kv_budget=0.1,prune=...,key=value,...")
     p.add_argument("--tasks", default=None, help="comma-separated task names, or 'list'")
-    p.add_argument("--limit", type=int, default=None, help="first N samples of each task")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--limit", type=at_least_one, default=None, help="first N samples of each task (N >= 1)")
+    p.add_argument("--batch_size", type=at_least_one, default=1, help="samples per generate call (>= 1)")
     p.add_argument("--output_path", default="results",
                    help="folder for results.json, results.md, samples, pareto.png (default: ./results)")
     p.add_argument("--log_samples", action="store_true", help="write per-sample JSONL")
@@ -50,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", default=None, help="local dataset copies: DIR/<task> (save_to_disk or parquet)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
                    help="run the baseline, then every combination of these values (over --model_args)")
-    p.add_argument("--num_frames", type=int, default=16, help="frames sampled per video")
+    p.add_argument("--num_frames", type=at_least_one, default=16, help="frames sampled per video")
     p.add_argument("--predict_only", action="store_true", help="generate and log, compute no metrics")
-    p.add_argument("--verbosity", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--verbosity", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
 
@@ -91,9 +95,11 @@ def distributed() -> tuple[int, int, str | None]:
 
 
 def main(argv: list[str] | None = None, runner_factory=None) -> list[dict] | None:
+    """Parse, check every argument (before any model is loaded), evaluate, write and print the results."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    level = getattr(logging, args.verbosity.upper(), logging.INFO)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = getattr(logging, args.verbosity)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tasks == "list":
         print(list_tasks())
@@ -114,23 +120,22 @@ def main(argv: list[str] | None = None, runner_factory=None) -> list[dict] | Non
         configs = [{}] + d["configs"]
 
     if not args.tasks:
-        build_parser().error("--tasks is required (or 'list'); run with no arguments for the offline default")
-    model_args = parse_kv_list(args.model_args)
-    if "pretrained" not in model_args:
-        build_parser().error("--model_args needs pretrained=<hub id or folder>")
-    if configs is None:
-        configs = build_configs(model_args, parse_sweep(args.sweep) if args.sweep else None)
+        parser.error("--tasks is required (or 'list'); run with no arguments for the offline default")
+    try:
+        checked = check_arguments(args, configs)
+    except UsageError as exc:
+        parser.error(str(exc))
     rank, world, device = distributed()
     import torch
 
     device = args.device or device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = Settings(
-        tasks=resolve_tasks(args.tasks), model_args=model_args, family=args.model, limit=args.limit,
-        batch_size=max(1, args.batch_size), gen_kwargs=parse_kv_list(args.gen_kwargs), seed=args.seed, device=device,
+        tasks=checked.tasks, model_args=checked.model_args, family=args.model, limit=args.limit,
+        batch_size=args.batch_size, gen_kwargs=checked.gen_kwargs, seed=args.seed, device=device,
         data_dir=args.data_dir, cache_dir=args.use_cache, num_frames=args.num_frames, predict_only=args.predict_only,
         progress=rank == 0 and level <= logging.INFO, rank=rank, world=world,
     )
-    log.info("configs: %s", ", ".join(run_name(c) for c in configs))
+    log.info("configs: %s", ", ".join(run_name(c) for c in checked.configs))
     main_process = rank == 0
 
     def checkpoint(runs):
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None, runner_factory=None) -> list[dict] | Non
 
     kwargs = {"runner_factory": runner_factory} if runner_factory else {}
     try:
-        runs = evaluate(settings, configs, on_run_done=checkpoint, **kwargs)
+        runs = evaluate(settings, checked.configs, on_run_done=checkpoint, **kwargs)
         if main_process:
             paths = report.write_outputs(args.output_path, runs, settings, vars(args),
                                          log_samples=args.log_samples or args.predict_only)
@@ -151,8 +156,45 @@ def main(argv: list[str] | None = None, runner_factory=None) -> list[dict] | Non
         print(report.markdown_table(runs))
         files = [Path(p).name for v in paths.values() for p in (v if isinstance(v, list) else [v])]
         print(f"results: {Path(args.output_path).resolve()} ({', '.join(files)})")
+        print(tally(runs, [t.name for t in settings.tasks], args.predict_only, args.output_path))
     return runs
 
 
+def pair_complete(result: dict | None) -> bool:
+    """A (task, config) result with at least one scored sample (a prediction, under --predict_only) and no failure."""
+    return result is not None and "error" not in result and result["failures"] == 0 and result["n_scored"] > 0
+
+
+def evaluated_fully(runs: list[dict]) -> bool:
+    return all(run["error"] is None and all(map(pair_complete, run["tasks"].values())) for run in runs)
+
+
+def tally(runs: list[dict], task_names: list[str], predict_only: bool, output_path: str | None) -> str:
+    """The last line: how many samples of how many requested (task, config) pairs were evaluated, or failed."""
+    noun = "predictions" if predict_only else "samples"
+    results = [run["tasks"].get(name) for run in runs for name in task_names]
+    counted = [r for r in results if r is not None and "error" not in r]
+    samples = sum(r["n_samples"] for r in counted)
+    failed = sum(r["failures"] for r in counted)
+    if all(map(pair_complete, results)):
+        return f"{samples} {noun} of {len(results)} (task, config) pairs, none failed"
+    parts = []
+    if failed:
+        pairs = sum(r["failures"] > 0 for r in counted)
+        parts.append(f"{failed} of {samples} {noun} failed in {pairs} (task, config) pair{'s' * (pairs != 1)}")
+    empty = sum(r is None or "error" in r or r["n_scored"] == 0 for r in results)
+    if empty:
+        parts.append(f"{empty} of {len(results)} (task, config) pairs produced no "
+                     f"{'prediction' if predict_only else 'scored sample'}")
+    where = f"{Path(output_path) / 'results.json'} and the log above" if output_path else "the log above"
+    return "; ".join(parts) + f"; see {where}"
+
+
+def cli(argv: list[str] | None = None, runner_factory=None) -> int:
+    """The command line's exit status: 1 when some requested (task, config) pair was not fully evaluated."""
+    runs = main(argv, runner_factory)
+    return 0 if runs is None or evaluated_fully(runs) else 1
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

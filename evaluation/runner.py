@@ -33,7 +33,6 @@ log = logging.getLogger("evaluation")
 # model_args keys that say which model and how to run it, for every config (the baseline too); everything
 # else is compression. cuda_graphs is a decoding path (static decoding), not a compression.
 BASE_KEYS = ("pretrained", "dtype", "device_map", "attn_implementation", "cuda_graphs")
-FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl")
 
 
 # --------------------------------------------------------------------------- configs
@@ -65,19 +64,25 @@ def parse_kv_list(text: str | None) -> dict:
         if "=" not in part:
             raise ValueError(f"expected key=value, got {part!r} in {text!r}")
         key, value = part.split("=", 1)
+        if key.strip() in out:
+            raise ValueError(f"{key.strip()} is given twice in {text!r}: keep one")
         out[key.strip()] = parse_value(value)
     return out
 
 
 def parse_sweep(items: list[str]) -> list[dict]:
     """['kv=snapkv,pyramidkv', 'kv_budget=0.1,0.4'] -> every combination, as compression dicts."""
-    axes = []
+    axes = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--sweep items are key=v1,v2,...; got {item!r}")
-        key, values = item.split("=", 1)
-        axes.append([(key.strip(), parse_value(v)) for v in values.split(",") if v.strip()])
-    return [dict(combo) for combo in itertools.product(*axes)] if axes else []
+        key, values = (part.strip() for part in item.split("=", 1))
+        if key in axes:
+            raise ValueError(f"--sweep gives {key} twice: list all its values in one {key}=v1,v2,...")
+        axes[key] = [(key, parse_value(v)) for v in values.split(",") if v.strip()]
+        if not key or not axes[key]:
+            raise ValueError(f"--sweep {item!r} has an empty key or no value: write key=v1,v2,...")
+    return [dict(combo) for combo in itertools.product(*axes.values())] if axes else []
 
 
 def split_model_args(model_args: dict) -> tuple[dict, dict]:

@@ -41,7 +41,9 @@ def test_a_plain_run_draws_synthvqa_writes_results_with_the_umask_and_shows_one_
         env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = tmp_path / "results"
-    assert completed.stdout.rstrip().splitlines()[-1].startswith(f"results: {results} (results.json, results.md")
+    *_, where, tally = completed.stdout.rstrip().splitlines()
+    assert where.startswith(f"results: {results} (results.json, results.md")
+    assert tally == "4 samples of 2 (task, config) pairs, none failed"
     doc = json.loads((results / "results.json").read_text())
     assert [r["tasks"]["synthvqa"]["n_scored"] for r in doc["runs"]] == [2, 2]  # drawn by the task's builder
     files = sorted(p.name for p in results.iterdir())

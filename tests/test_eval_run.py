@@ -102,10 +102,18 @@ def test_sweep_writes_reports_and_pareto(env, tmp_path):
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
 
 
-def test_unknown_method_fails_its_config_only(env, tmp_path):
-    runs = cli.main(argv(env, tmp_path / "o", model_args="prune=no_such_pruner,prune_budget=0.5"))
+class CompressedFailsToLoad(ModelRunner):
+    def __init__(self, base, compression, device=None):
+        if compression:
+            raise RuntimeError("out of memory while loading the pruned model")
+        super().__init__(base, compression, device)
+
+
+def test_a_config_that_fails_to_load_fails_alone(env, tmp_path):
+    runs = cli.main(argv(env, tmp_path / "o", model_args="prune=fastv,prune_budget=0.5"),
+                    runner_factory=CompressedFailsToLoad)
     assert runs[0]["name"] == "baseline" and runs[0]["error"] is None
-    assert runs[1]["error"] and "prune" in runs[1]["error"] and runs[1]["tasks"] == {}
+    assert "out of memory" in runs[1]["error"] and runs[1]["tasks"] == {}
     assert "config failed" in (tmp_path / "o" / "results.md").read_text()
 
 

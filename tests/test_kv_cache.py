@@ -23,9 +23,9 @@ F64 = torch.float64  # comparisons in float64, so that rankings never hinge on r
 
 
 def expected_kept(budget, prompt: int) -> int:
-    """The documented rule: a float budget keeps round-half-up(budget × prompt) tokens, at least 1."""
+    """The documented rule: a float budget keeps round-half-up(budget × prompt) tokens, an int budget that many."""
     kept = math.floor(prompt * budget + 0.5) if isinstance(budget, float) else budget
-    return min(prompt, max(1, kept))
+    return min(prompt, kept)
 
 
 def load(path, method=None, budget=None, **kwargs):
@@ -315,6 +315,20 @@ def test_bad_budgets(tiny_dirs, budget):
         load(tiny_dirs["qwen2_vl"], "snapkv", budget)
     with pytest.raises(ValueError, match="kv_budget"):
         SnapKVCache(budget=budget)
+
+
+def test_a_share_below_one_token_raises_and_names_the_smallest_share_that_keeps_one(tiny_dirs, processors):
+    """0.001 of a ~100-token prompt rounds to no token: a ValueError (once the prompt length is known), whose
+    suggested share then keeps exactly one token per layer."""
+    arch = "qwen2_vl"
+    inputs = image_inputs(processors[arch])
+    prompt = inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=f"kv_budget=0.001 keeps no token of a {prompt}-token prompt") as error:
+        greedy(load(tiny_dirs[arch], "streamingllm", 0.001), inputs)
+    smallest = float(str(error.value).split("a share of at least ")[1].split()[0])
+    model = load(tiny_dirs[arch], "streamingllm", smallest)
+    greedy(model, inputs, new_tokens=1)
+    assert set(model.compression_stats["kept_tokens_per_layer"]) == {1}
 
 
 def test_bad_methods_and_options(tiny_dirs, processors, tmp_path):

@@ -1,7 +1,8 @@
 """The budget rule shared by KV eviction and visual-token pruning.
 
-A float in (0, 1] is a share, kept as round-half-up(share × n) tokens (at least one); an int >= 1
-is a count of tokens.
+A float in (0, 1] is a share, kept as round-half-up(share × n) tokens; an int >= 1 is a count of
+tokens. Where a share rounds to no token, KV eviction raises (`CompressedCache.budget_tokens`) and
+pruning keeps one (`pruning.keep_count`).
 """
 
 from __future__ import annotations

@@ -127,7 +127,10 @@ def build_settings(
     for option, value in method_options.items():
         takers = [family for family, names in accepted_by.items() if option in names]
         if not takers:
-            valid = sorted(set().union(*accepted_by.values())) if accepted_by else []
+            if not accepted_by:
+                raise ValueError(f"unknown option {option}={value!r}: no method is chosen to take it (kv=..., "
+                                 "prune=... or sparsity=...), or the name is misspelled")
+            valid = sorted(set().union(*accepted_by.values()))
             raise ValueError(
                 f"unknown option {option}={value!r} for the chosen methods "
                 f"({', '.join(f'{f}={m}' for f, m in selected.items() if m) or 'none'}); valid options: {valid}"

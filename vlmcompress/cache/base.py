@@ -550,9 +550,17 @@ class CompressedCache(DynamicCache):
         """The mean number of tokens kept per layer for prompts of `real_length` `[b]` tokens."""
         if isinstance(self.budget, float):
             kept = torch.floor(real_length.double() * self.budget + 0.5).long()
+            # a share is checked here, where the prompt length that turns it into tokens is known
+            starved = (kept < 1) & (real_length > 0)
+            if starved.any():
+                shortest = int(real_length[starved].min())
+                raise ValueError(
+                    f"kv_budget={self.budget} keeps no token of a {shortest}-token prompt: use a share of at "
+                    f"least {1 / shortest:.3g} or an int budget (kv_budget=1 keeps one token per layer)"
+                )
         else:
             kept = torch.full_like(real_length, self.budget)
-        return torch.minimum(kept.clamp(min=1), real_length)
+        return torch.minimum(kept, real_length)
 
     # ----- attachment -----------------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> "CompressedCache":
