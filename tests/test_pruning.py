@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import upstream_model
+from conftest import BATCHES, batch_inputs, generate_with_raw_logits, upstream_model
 from PIL import Image
 
 import vlmcompress
@@ -170,6 +170,25 @@ def test_generates_with_images_and_keeps_exactly_the_budget(tiny_dirs, processor
             assert stats["visual_tokens_per_layer"] == [n_in] * 2 + [expected] * 2
         else:
             assert stats["visual_tokens"] == expected
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_batch_equals_single(tiny_dirs, processors, arch, method, batch):
+    """A left-padded batch, mixing image and text-only prompts or image counts, gives every sample its
+    single-prompt tokens, logits and kept visual tokens."""
+    samples = BATCHES[batch]
+    model = vlmcompress.load(tiny_dirs[arch], prune=method, prune_budget=0.4, dtype=torch.float64)
+    batch_out, batch_logits = generate_with_raw_logits(model, batch_inputs(processors[arch], samples), 5)
+    batch_kept = model.compression_stats.get("visual_tokens_kept_per_sample")
+    for i, sample in enumerate(samples):
+        single_out, single_logits = generate_with_raw_logits(model, batch_inputs(processors[arch], [sample]), 5)
+        assert torch.equal(batch_out[i, -5:], single_out[0, -5:])
+        for batched, single in zip(batch_logits, single_logits):
+            torch.testing.assert_close(batched[i], single[0], rtol=1e-9, atol=1e-9)
+        # a text-only prompt alone is left alone: it keeps no visual token
+        assert batch_kept[i] == model.compression_stats.get("visual_tokens_kept_per_sample", [0])[0]
 
 
 def _prunable(model, inputs):
