@@ -12,7 +12,7 @@ import torch
 from conftest import BATCHES, batch_inputs, generate_with_raw_logits, image_inputs, upstream_model
 
 import vlmcompress
-from vlmcompress.cache import KV_METHODS, CompressedCache, SnapKVCache
+from vlmcompress.cache import KV_METHODS, CompressedCache, H2OCache, SnapKVCache
 from vlmcompress.cache.base import passed_cache
 from vlmcompress.testing import ARCHITECTURES
 
@@ -283,6 +283,25 @@ def test_standalone_cache_on_a_plain_transformers_model(tiny_dirs, processors):
     assert cache.layers[0].kept_indices.shape[-1] == expected_kept(0.3, inputs["input_ids"].shape[1])
     ours = greedy(load(tiny_dirs[arch], "snapkv", 0.3), inputs)
     assert torch.equal(out, ours)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_right_padded_batch_is_refused_naming_left_padding(tiny_dirs, processors, arch):
+    """Qwen2.5-VL's real tokenizer config sets no padding side, so the processor's default pads on the right;
+    generation would then continue the shorter sample from its padding. Every loaded model refuses the batch
+    in `generate`, and a cache on a plain transformers model refuses it at prefill."""
+    right = batch_inputs(processors[arch], BATCHES["image and shorter text-only"], padding_side="right")
+    assert not bool(right["attention_mask"][:, -1].all()), "the batch must be right-padded"
+    for settings in ({}, {"kv": "snapkv", "kv_budget": 0.3, "window_size": 4}, {"prune": "fastv"}):
+        with pytest.raises(ValueError, match='padding_side="left"'):
+            greedy(vlmcompress.load(tiny_dirs[arch], **settings), right)
+    for attention in ("sdpa", "eager"):
+        plain = upstream_model(tiny_dirs[arch], attn_implementation=attention)
+        for cache in (SnapKVCache(budget=0.3, window_size=4), H2OCache(budget=0.3)):
+            with pytest.raises(ValueError, match='padding_side="left"'):
+                greedy(plain, right, past_key_values=cache)
+        left = batch_inputs(processors[arch], BATCHES["image and shorter text-only"])
+        greedy(plain, left, past_key_values=SnapKVCache(budget=0.3, window_size=4))  # the same batch, left-padded
 
 
 def test_unattached_cache_fails_loudly(tiny_dirs, processors):

@@ -6,7 +6,7 @@ receives from the queries after the last visual token (the text that follows the
 over the query heads of each KV head. Sparsity-aware allocation: a layer's density is the share
 of the post-vision attention entries at least `threshold` × their row's maximum; layer budgets are
 proportional to density (denser layers keep more), capped at the prompt, mean exactly the budget.
-Without visual tokens the post-vision queries are the last `window_size` tokens.
+A prompt without visual tokens (chosen per sample in a batch) uses its last `window_size` queries.
 """
 
 from __future__ import annotations
