@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-from conftest import image_inputs, upstream_model
+from conftest import BATCHES, batch_inputs, generate_with_raw_logits, image_inputs, upstream_model
 
 import vlmcompress
-from vlmcompress.cache import KV_METHODS, CompressedCache, SnapKVCache
+from vlmcompress.cache import KV_METHODS, CompressedCache, H2OCache, SnapKVCache
 from vlmcompress.cache.base import passed_cache
 from vlmcompress.testing import ARCHITECTURES
 
@@ -64,21 +64,6 @@ def test_identity_at_full_budget(tiny_dirs, processors, arch, method):
     # An int budget covering prompt and generation keeps everything too.
     whole = inputs["input_ids"].shape[1] + 8
     assert torch.equal(greedy(load(tiny_dirs[arch], method, whole), inputs, new_tokens=8), expected)
-
-
-def generate_with_raw_logits(model, inputs, new_tokens=2, **kwargs):
-    """Greedy tokens and each step's last-position logits straight from the LM head (generate's own
-    `output_logits` are cast to float32, too coarse for a float64 comparison)."""
-    logits = []
-    handle = model.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: logits.append(output[:, -1].detach().clone())
-    )
-    try:
-        sequences = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                   **kwargs)
-    finally:
-        handle.remove()
-    return sequences, logits
 
 
 def masked_reference_logits(path, inputs, kept_indices, new_tokens=2):
@@ -170,23 +155,27 @@ def test_decode_time_eviction_equals_masking_at_every_step(tiny_dirs, processors
         torch.testing.assert_close(logits[step], reference_logits[step], rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "internvl"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("budget", [0.3, 16])  # 16 tokens: every row evicts all its padding at prefill
-def test_batch_equals_single(tiny_dirs, processors, arch, method, budget):
-    """A left-padded batch gives every sample its single-prompt tokens and kept positions."""
-    questions = ("What is in the picture? Describe it in detail please.", "Colour?")
-    batch_inputs = image_inputs(processors[arch], questions, seeds=[3, 4])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_batch_equals_single(tiny_dirs, processors, arch, method, budget, batch):
+    """A left-padded batch, mixing image and text-only prompts or image counts, gives every sample its
+    single-prompt tokens, logits and kept positions."""
+    samples = BATCHES[batch]
+    batch_inputs_ = batch_inputs(processors[arch], samples)
     model = load(tiny_dirs[arch], method, budget, dtype=F64)
     batch_cache = model.make_cache()
-    batch_out = greedy(model, batch_inputs, past_key_values=batch_cache)
-    pads = (batch_inputs["attention_mask"] == 0).sum(-1)
-    assert int(pads.max()) > 0, "the two prompts must differ in length"
-    for i, question in enumerate(questions):
-        single_inputs = image_inputs(processors[arch], (question,), seeds=[3 + i])
+    batch_out, batch_logits = generate_with_raw_logits(model, batch_inputs_, 6, past_key_values=batch_cache)
+    pads = (batch_inputs_["attention_mask"] == 0).sum(-1)
+    assert int(pads.max()) > 0, "the prompts must differ in length"
+    for i, sample in enumerate(samples):
         single_cache = model.make_cache()
-        single_out = greedy(model, single_inputs, past_key_values=single_cache)
+        single_out, single_logits = generate_with_raw_logits(model, batch_inputs(processors[arch], [sample]), 6,
+                                                             past_key_values=single_cache)
         assert torch.equal(batch_out[i, -6:], single_out[0, -6:])
+        for batched, single in zip(batch_logits, single_logits):
+            torch.testing.assert_close(batched[i], single[0], rtol=1e-9, atol=1e-9)
         if method not in ("h2o", "streamingllm"):  # decode-time methods moved on since prefill
             for batch_layer, single_layer in zip(batch_cache.layers, single_cache.layers):
                 valid = batch_layer.slot_valid[i] if batch_layer.slot_valid is not None else None
@@ -294,6 +283,25 @@ def test_standalone_cache_on_a_plain_transformers_model(tiny_dirs, processors):
     assert cache.layers[0].kept_indices.shape[-1] == expected_kept(0.3, inputs["input_ids"].shape[1])
     ours = greedy(load(tiny_dirs[arch], "snapkv", 0.3), inputs)
     assert torch.equal(out, ours)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_right_padded_batch_is_refused_naming_left_padding(tiny_dirs, processors, arch):
+    """Qwen2.5-VL's real tokenizer config sets no padding side, so the processor's default pads on the right;
+    generation would then continue the shorter sample from its padding. Every loaded model refuses the batch
+    in `generate`, and a cache on a plain transformers model refuses it at prefill."""
+    right = batch_inputs(processors[arch], BATCHES["image and shorter text-only"], padding_side="right")
+    assert not bool(right["attention_mask"][:, -1].all()), "the batch must be right-padded"
+    for settings in ({}, {"kv": "snapkv", "kv_budget": 0.3, "window_size": 4}, {"prune": "fastv"}):
+        with pytest.raises(ValueError, match='padding_side="left"'):
+            greedy(vlmcompress.load(tiny_dirs[arch], **settings), right)
+    for attention in ("sdpa", "eager"):
+        plain = upstream_model(tiny_dirs[arch], attn_implementation=attention)
+        for cache in (SnapKVCache(budget=0.3, window_size=4), H2OCache(budget=0.3)):
+            with pytest.raises(ValueError, match='padding_side="left"'):
+                greedy(plain, right, past_key_values=cache)
+        left = batch_inputs(processors[arch], BATCHES["image and shorter text-only"])
+        greedy(plain, left, past_key_values=SnapKVCache(budget=0.3, window_size=4))  # the same batch, left-padded
 
 
 def test_unattached_cache_fails_loudly(tiny_dirs, processors):

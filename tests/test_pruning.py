@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import upstream_model
+from conftest import BATCHES, batch_inputs, generate_with_raw_logits, upstream_model
 from PIL import Image
 
 import vlmcompress
@@ -170,6 +170,38 @@ def test_generates_with_images_and_keeps_exactly_the_budget(tiny_dirs, processor
             assert stats["visual_tokens_per_layer"] == [n_in] * 2 + [expected] * 2
         else:
             assert stats["visual_tokens"] == expected
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_batch_equals_single(tiny_dirs, processors, arch, method, batch):
+    """A left-padded batch, mixing image and text-only prompts or image counts, gives every sample its
+    single-prompt tokens, logits and kept visual tokens."""
+    model = vlmcompress.load(tiny_dirs[arch], prune=method, prune_budget=0.4, dtype=torch.float64)
+    assert_batch_equals_single(model, processors[arch], BATCHES[batch])
+
+
+@pytest.mark.parametrize("method", ["fastv", "visionzip"])
+@pytest.mark.parametrize("kv", ["vlcache", "snapkv"])
+@pytest.mark.parametrize("batch", ["image and longer text-only", "one and two images"])
+def test_batch_equals_single_composed_with_kv_eviction(tiny_dirs, processors, method, kv, batch):
+    """The eviction cache sees each sample's pruned prompt (VL-Cache its visual tokens) as it would alone."""
+    model = vlmcompress.load(tiny_dirs["qwen2_vl"], prune=method, prune_budget=0.4, kv=kv, kv_budget=0.3,
+                             window_size=4, dtype=torch.float64)
+    assert_batch_equals_single(model, processors["qwen2_vl"], BATCHES[batch])
+
+
+def assert_batch_equals_single(model, processor, samples, new_tokens=5):
+    batch_out, batch_logits = generate_with_raw_logits(model, batch_inputs(processor, samples), new_tokens)
+    batch_kept = model.compression_stats.get("visual_tokens_kept_per_sample")
+    for i, sample in enumerate(samples):
+        single_out, single_logits = generate_with_raw_logits(model, batch_inputs(processor, [sample]), new_tokens)
+        assert torch.equal(batch_out[i, -new_tokens:], single_out[0, -new_tokens:])
+        for batched, single in zip(batch_logits, single_logits):
+            torch.testing.assert_close(batched[i], single[0], rtol=1e-9, atol=1e-9)
+        # a text-only prompt alone is left alone: it keeps no visual token
+        assert batch_kept[i] == model.compression_stats.get("visual_tokens_kept_per_sample", [0])[0]
 
 
 def _prunable(model, inputs):

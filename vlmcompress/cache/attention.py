@@ -197,6 +197,17 @@ def accumulated_attention(queries, keys, scaling, key_valid=None, compile: bool 
     return total
 
 
+def reject_right_padding(valid: torch.Tensor) -> None:
+    """Raise a ValueError where a row of `valid` `[b, n]` (True on real tokens) has padding after a real token:
+    generation continues each row from its last slot, so a right-padded batch decodes from padding."""
+    if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
+        raise ValueError(
+            "the batch is right-padded (its attention_mask has zeros after ones): generation needs left "
+            'padding; build it with padding_side="left" (processor(..., padding=True, padding_side="left"), '
+            'or set processor.tokenizer.padding_side = "left")'
+        )
+
+
 def key_validity_from_mask(attention_mask, batch: int, kv_length: int, device) -> torch.Tensor | None:
     """Which keys are real tokens (not left padding), read off the mask the attention received.
 

@@ -43,6 +43,7 @@ from .attention import (
     bind_attention_arguments,
     key_validity_from_mask,
     recompute_queries,
+    reject_right_padding,
     slice_positions,
 )
 
@@ -723,6 +724,8 @@ class CompressedCache(DynamicCache):
         memo = self._prompt_validity_memo
         if memo is None or memo[0]() is not attention_mask or memo[1] != (batch, n):
             key_valid = key_validity_from_mask(attention_mask, batch, n, device)
+            if key_valid is not None:
+                reject_right_padding(key_valid)
             real = key_valid.sum(-1).cpu() if key_valid is not None else torch.full((batch,), n)
             memo = self._prompt_validity_memo = (weakref.ref(attention_mask), (batch, n), key_valid, real)
         key_valid, real = memo[2], memo[3]

@@ -6,7 +6,7 @@ receives from the queries after the last visual token (the text that follows the
 over the query heads of each KV head. Sparsity-aware allocation: a layer's density is the share
 of the post-vision attention entries at least `threshold` × their row's maximum; layer budgets are
 proportional to density (denser layers keep more), capped at the prompt, mean exactly the budget.
-Without visual tokens the post-vision queries are the last `window_size` tokens.
+A prompt without visual tokens (chosen per sample in a batch) uses its last `window_size` queries.
 """
 
 from __future__ import annotations
@@ -33,18 +33,25 @@ class VLCacheCache(CompressedCache):
         self._post_vision_memo = None
 
     def post_vision_queries(self, ctx: PromptContext) -> torch.Tensor:
-        """`[b, n]` True on each sample's post-vision prompt positions."""
-        n = ctx.length
+        """`[b, n]` True on each sample's post-vision prompt positions: after its last visual token, or, for a
+        sample without one, its last `window_size` positions (the rule is chosen per sample, so a batch
+        mixing image and text-only prompts gives each its single-prompt result)."""
+        batch, n = ctx.keys.shape[0], ctx.length
         slot = torch.arange(n, device=ctx.keys.device)
         visual = ctx.visual_mask
-        if visual is None or not bool(visual.any(dim=-1).all()):
-            if self.window_size > int(ctx.real_length.min()):
+        if visual is None:
+            visual = torch.zeros(batch, n, dtype=torch.bool, device=slot.device)
+        has_visual = visual.any(dim=-1).cpu()
+        if not bool(has_visual.all()):
+            shortest = int(ctx.real_length[~has_visual].min())
+            if self.window_size > shortest:
                 raise ValueError(
-                    f"window_size={self.window_size} is larger than the prompt ({int(ctx.real_length.min())} "
-                    "tokens) and the prompt has no visual token: pass a smaller window_size"
+                    f"window_size={self.window_size} is larger than the prompt ({shortest} tokens) and the "
+                    "prompt has no visual token: pass a smaller window_size"
                 )
-            return (slot >= n - self.window_size)[None].expand(ctx.keys.shape[0], n)
         last_visual = torch.where(visual, slot, -1).max(dim=-1).values
+        # left padding: a sample's last `window_size` positions are the last slots of its row
+        last_visual = torch.where(has_visual.to(slot.device), last_visual, n - 1 - self.window_size)
         return slot[None, :] > last_visual[:, None]
 
     def post_vision_rows(self, ctx: PromptContext) -> tuple[torch.Tensor, int, bool]:

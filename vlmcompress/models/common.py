@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from ..cache import CompressedCache
+from ..cache.attention import reject_right_padding
 from ..cache.base import cache_argument, language_model_of, passed_cache, visual_token_ids
 from ..cache.full import FullCache
 from ..cache.static_decoding import ROOM, StaticDecoding, deferred_stop_check
@@ -46,6 +47,9 @@ class CompressionMixin:
         return self.compression.kv.make_cache().attach(self)
 
     def generate(self, *args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            reject_right_padding(mask.bool())
         cache = passed_cache(kwargs)
         if cache is None:
             cache = kwargs[cache_argument(self)] = self.make_cache()

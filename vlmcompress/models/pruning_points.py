@@ -20,6 +20,7 @@ A prompt with no visual token is left alone (documented no-op), as is a budget t
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -195,8 +196,9 @@ class PruningRuntime:
             self.handles.append(attention.register_forward_hook(_bind(_fastv_score_hook, ref), with_kwargs=True,
                                                                 prepend=True))
             for layer_idx in range(k, layers):
+                hook = functools.partial(_pruned_layer_pre_hook, first=layer_idx == k)
                 self.handles.append(decoder.layers[layer_idx].register_forward_pre_hook(
-                    _bind(_pruned_layer_pre_hook, ref), with_kwargs=True))
+                    _bind(hook, ref), with_kwargs=True))
         else:
             layers = self.adapter.encoder_layers(model)
             chosen = self.options.get("vision_layer")
@@ -425,7 +427,6 @@ def _vision_hook(runtime: PruningRuntime, module, args, kwargs, output):
 def _recording(ref, modality: str, original):
     """Wrap the inner model's `get_{modality}_features` so the runtime knows which call its vision-hook
     records belong to and with which inputs (image sizes, grids) the upstream packing ran."""
-    import functools
     import inspect
 
     signature = inspect.signature(original)
@@ -485,14 +486,17 @@ def _fastv_score_hook(runtime: PruningRuntime, module, args, kwargs, output):
     return None
 
 
-def _pruned_layer_pre_hook(runtime: PruningRuntime, layer, args, kwargs):
+def _pruned_layer_pre_hook(runtime: PruningRuntime, layer, args, kwargs, first: bool):
+    """`first`: layer K, which receives the whole prompt and gathers it; the later layers receive the pruned
+    sequence, which is as long as the prompt where a sample keeps every token (a text-only one), so its
+    length cannot tell."""
     st = runtime.state
     if st.index is None:
         return None
     hidden = args[0] if args else kwargs["hidden_states"]
     full = st.input_ids.shape[1]
     if st.phase == "prefill":
-        if hidden.shape[1] == full:
+        if first:
             hidden = gather_sequence(hidden, st.index, 1)
             runtime.set_cache_visual_mask(passed_cache(kwargs))
         cos, sin = kwargs["position_embeddings"]
