@@ -10,13 +10,12 @@ import io
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 from PIL import Image
 
 from .tasks import Task
-from .tasks.formats import FORMATS, TARGETS, _options_list
+from .tasks.formats import mmmu_image_fields, text_sample
 
 log = logging.getLogger("evaluation")
 
@@ -230,12 +229,8 @@ class TaskData:
             return [decode_image(self._join_table[index]["image"])]
         if task.image is None:
             return []
-        if task.image == "image_<n>":  # MMMU: the images the question and options mention, in order
-            text = f"{row.get(task.question, '')} {row.get(task.options, '')}"
-            numbers = sorted({int(n) for n in re.findall(r"<image (\d+)>", text)})
-            if not numbers:
-                numbers = [n for n in range(1, 8) if row.get(f"image_{n}") is not None][:1]
-            return [decode_image(row.get(f"image_{n}")) for n in numbers]
+        if task.image == "image_<n>":  # MMMU: the images its prompt mentions, as lmms-eval's doc_to_visual
+            return [decode_image(row.get(name)) for name in mmmu_image_fields(task, row)]
         value = row.get(task.image)
         if isinstance(value, list):
             return [decode_image(v) for v in value]
@@ -248,29 +243,15 @@ class TaskData:
             row = self.row(doc_id)
         except Exception as exc:  # noqa: BLE001 - an unreadable row fails that sample only
             raise SampleError(f"unreadable row: {type(exc).__name__}: {exc}") from exc
-        native_id = str(row.get(task.id_field, doc_id)) if task.id_field else str(doc_id)
         try:
-            answers = TARGETS[task.target](task, row)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise SampleError(f"bad reference answer: {exc}") from exc
-        if not answers:
+            sample = text_sample(task, row, family, doc_id)
+        except (ValueError, TypeError, KeyError, SyntaxError) as exc:
+            raise SampleError(f"bad row: {type(exc).__name__}: {exc}") from exc
+        if not sample["answers"]:
             raise SampleError("the sample has no reference answer")
-        try:
-            prompt = FORMATS[task.fmt](task, row, task.prompt_kwargs(family))
-        except Exception as exc:  # noqa: BLE001
-            raise SampleError(f"cannot format the prompt: {type(exc).__name__}: {exc}") from exc
         images, video = [], None
         if task.video:
             video = load_video_frames(find_video(self.video_dirs, str(row[task.video_field])), self.num_frames)
         else:
             images = self._images(row)
-        return {
-            "doc_id": doc_id,
-            "id": native_id,
-            "prompt": prompt,
-            "images": images,
-            "video": video,
-            "answers": answers,
-            "options": _options_list(task, row) if task.options else None,
-            "meta": {k: row.get(k) for k in task.meta_fields},
-        }
+        return dict(sample, images=images, video=video)

@@ -1,17 +1,19 @@
-"""Per-sample scoring functions and aggregations, following the official scorers that lmms-eval uses.
+"""Per-sample scores and aggregations, each the one lmms-eval 0.7.3 computes for its tasks.
 
-Every scorer takes the raw model output and the sample's references and returns a float in [0, 1]
-(or a dict of such floats); aggregations turn the per-sample values into the task's reported numbers.
+Where lmms-eval departs from a benchmark's official scorer, these follow lmms-eval (docs/evaluation.md
+lists the departures); the differential tests in tests/test_lmms_parity*.py hold them to it. Answer
+extraction for multiple choice and MMMU lives in `evaluation/extraction.py`.
 """
 
 from __future__ import annotations
 
 import re
+import string
 from collections import defaultdict
 from statistics import mean
 from typing import Iterable, Sequence
 
-# --------------------------------------------------------------------------- ANLS (DocVQA, InfoVQA)
+# --------------------------------------------------------------------------- ANLS (DocVQA)
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -28,25 +30,27 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-    """Average Normalized Levenshtein Similarity of one prediction against its references.
+    """Average Normalized Levenshtein Similarity of one prediction against its references, as lmms-eval.
 
-    1 - NL(best reference), with NL = edit distance / max length after lower-casing and collapsing
-    white space; a similarity below `threshold` (NL above 0.5) counts as 0.
+    The edit distance is taken between the lower-cased, white-space-collapsed strings, but divided by
+    the longer of the *raw* strings' upper-cased lengths (lmms-eval's `anls`); a similarity below
+    `threshold` counts as 0.
     """
     if not answers:
         raise ValueError("anls needs at least one reference answer")
-    pred = " ".join(str(prediction).strip().lower().split())
-    best = 1.0
+    prediction = str(prediction)
+    pred = " ".join(prediction.strip().lower().split())
+    distances = []
     for answer in answers:
-        gt = " ".join(str(answer).strip().lower().split())
-        length = max(len(gt), len(pred))
-        nl = 0.0 if length == 0 else levenshtein(gt, pred) / length
-        best = min(best, nl)
-    score = 1.0 - best
-    return score if score >= threshold else 0.0
+        answer = str(answer)
+        length = max(len(answer.upper()), len(prediction.upper()))
+        gt = " ".join(answer.strip().lower().split())
+        distances.append(0.0 if length == 0 else levenshtein(gt, pred) / length)
+    score = 1 - min(distances)
+    return 0.0 if score < threshold else score
 
 
-# --------------------------------------------------------------------------- VQA accuracy (TextVQA, VQAv2)
+# --------------------------------------------------------------------------- VQA accuracy (TextVQA)
 
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -80,8 +84,10 @@ _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "fou
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official script's pattern
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+# lmms-eval passes re.UNICODE (32) where `Pattern.sub` takes its count: at most 32 periods are stripped
+_PERIOD_STRIP_COUNT = 32
 
 
 def _process_punctuation(text: str) -> str:
@@ -91,7 +97,7 @@ def _process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, _PERIOD_STRIP_COUNT)
 
 
 def _process_digit_article(text: str) -> str:
@@ -101,35 +107,29 @@ def _process_digit_article(text: str) -> str:
 
 
 def vqa_normalize(answer: str) -> str:
-    """The official VQA evaluation's answer normalisation (punctuation, digits, articles, contractions)."""
-    answer = str(answer).replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(answer))
+    """lmms-eval's EvalAI answer processing: tokenise (lower-case, drop `,` and `?`, split `'s`), then the
+    official VQA punctuation, digit, article and contraction rules."""
+    text = str(answer).lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return _process_digit_article(_process_punctuation(text))
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy: min(#matching annotators / 3, 1), averaged over the leave-one-out annotator subsets.
+    """VQA accuracy: min(#matching other annotators / 3, 1), averaged over leaving each annotator out.
 
-    With 10 annotators this is the average over the 10 subsets of 9 annotators, as in the official
-    script; prediction and references go through `vqa_normalize`.
+    As in lmms-eval a single reference scores 0 (no other annotator is left to match).
     """
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer")
     pred = vqa_normalize(prediction)
     gts = [vqa_normalize(a) for a in answers]
-    if len(gts) == 1:  # a single reference: plain normalised exact match
-        return float(pred == gts[0])
-    accs = []
-    for i in range(len(gts)):
-        others = gts[:i] + gts[i + 1:]
-        accs.append(min(1.0, sum(g == pred for g in others) / 3.0))
-    return mean(accs)
+    return mean(min(1, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts)))
 
 
 # --------------------------------------------------------------------------- relaxed accuracy (ChartQA)
 
 
 def _to_float(text: str):
-    text = str(text).strip()
     try:
         if text.endswith("%"):
             return float(text.rstrip("%")) / 100.0
@@ -139,66 +139,23 @@ def _to_float(text: str):
 
 
 def relaxed_accuracy(prediction: str, target: str, max_relative_change: float = 0.05) -> float:
-    """1.0 when a numeric prediction is within 5% of a numeric target, or strings match (case-insensitive)."""
-    prediction, target = str(prediction).strip(), str(target).strip()
+    """1.0 when a numeric prediction is within 5% of a non-zero numeric target, else a case-insensitive
+    string match. Neither string is stripped (lmms-eval strips only the prediction, before this)."""
+    prediction, target = str(prediction), str(target)
     p, t = _to_float(prediction), _to_float(target)
     if p is not None and t:
         return float(abs(p - t) / abs(t) <= max_relative_change)
     return float(prediction.lower() == target.lower())
 
 
-# --------------------------------------------------------------------------- multiple choice
+# --------------------------------------------------------------------------- exact match (GQA, AI2D)
 
-
-def option_letters(n: int) -> list[str]:
-    return [chr(ord("A") + i) for i in range(n)]
-
-
-def extract_choice(response: str, choices: Sequence[str] = ("A", "B", "C", "D"), options: Sequence[str] | None = None) -> str:
-    """The option letter a free-form answer picks, or "" when none can be found.
-
-    Tried in order: a bare letter ("B", "b", "(B)", "B."), a letter at the start ("B. cat", "B) cat"),
-    an answer phrase ("the answer is B"), a bracketed or punctuated letter anywhere ("(B)", "B."),
-    and, when `options` (the option texts) are given, the single option whose text the answer contains.
-    Deterministic: unlike lmms-eval's MMMU parser, no random guess on failure.
-    """
-    text = str(response).strip()
-    if not text:
-        return ""
-    letters = list(choices)
-    cleaned = text.strip(" \t\n.,;:!?'\"*")
-    if cleaned.strip("()[]").upper() in letters and len(cleaned.strip("()[]")) == 1:
-        return cleaned.strip("()[]").upper()
-    m = re.match(r"^\s*[\(\[]?([A-Z])[\)\]\.:,]?(\s|$)", text)
-    if m and m.group(1) in letters:
-        return m.group(1)
-    phrase = re.search(r"(?:answer|option|choice)\s*(?:is|:)?\s*[:\s]\s*[\(\[]?([A-Z])\b", text, re.IGNORECASE)
-    if phrase and phrase.group(1).upper() in letters:
-        return phrase.group(1).upper()
-    found = [(mm.start(), mm.group(1)) for mm in re.finditer(r"[\(\[]([A-Z])[\)\]]", text) if mm.group(1) in letters]
-    if not found:
-        found = [(mm.start(), mm.group(1)) for mm in re.finditer(r"\b([A-Z])[\.\)]", text) if mm.group(1) in letters]
-    if found:
-        return found[-1][1]
-    if options:
-        lowered = text.lower()
-        hits = [letters[i] for i, opt in enumerate(options) if str(opt).strip() and str(opt).strip().lower() in lowered]
-        if len(hits) == 1:
-            return hits[0]
-    return ""
-
-
-def multiple_choice_accuracy(prediction: str, target_letter: str, n_options: int, options=None) -> float:
-    return float(extract_choice(prediction, option_letters(n_options), options) == str(target_letter).strip().upper())
-
-
-# --------------------------------------------------------------------------- exact match
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize_text(text: str) -> str:
-    """Lower-case, drop punctuation, collapse white space (lmms-eval's ignore_case + ignore_punctuation)."""
-    text = re.sub(r"[^\w\s]", "", str(text).lower())
-    return " ".join(text.split())
+    """lmms-eval's `exact_match` with ignore_case and ignore_punctuation: lower-case, drop ASCII punctuation."""
+    return str(text).lower().translate(_NO_PUNCTUATION)
 
 
 def exact_match(prediction: str, answers: Sequence[str] | str) -> float:
@@ -229,27 +186,39 @@ def parse_yes_no(response: str) -> str:
     return "other"
 
 
-def mme_scores(records: Iterable[dict]) -> dict:
-    """MME totals from per-sample records {question_id, category, score (0/1)}.
+def mme_gold(answer: str) -> str:
+    gold = str(answer).lower().strip().replace(".", "")
+    if gold not in ("yes", "no"):
+        raise ValueError(f"an MME answer is yes or no, not {answer!r}")
+    return gold
 
-    Per category: acc (share of correct answers, x100) + acc+ (share of images whose two questions are
-    both right, x100); perception and cognition are the sums over their categories.
-    An image with only one answered question (e.g. --limit cut its pair) counts in acc only.
+
+def mme_scores(records: Iterable[dict]) -> dict:
+    """MME totals from per-sample records {question_id, category, score (0/1)}, as lmms-eval sums them.
+
+    Per image (question_id): acc (mean of its two answers, x100) + acc+ (both right, x100); a category
+    scores the mean over its images; perception is the sum over its ten categories, cognition over the rest.
+    lmms-eval stops on an image with one question (e.g. --limit cut its pair); here such questions are
+    left out of the totals and counted in `unpaired_questions`.
     """
-    by_cat: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    by_cat: dict[str, dict[str, list[float]]] = defaultdict(dict)
     for r in records:
-        by_cat[r["category"]][str(r["question_id"])].append(float(r["score"]))
-    per_category = {}
+        by_cat[r["category"]].setdefault(str(r["question_id"]), []).append(float(r["score"]))
+    per_category, unpaired = {}, 0
     for cat, questions in by_cat.items():
-        scores = [s for qs in questions.values() for s in qs]
-        acc = 100.0 * mean(scores)
-        paired = [qs for qs in questions.values() if len(qs) == 2]
-        acc_plus = 100.0 * mean(float(sum(qs) == 2) for qs in paired) if paired else 0.0
-        per_category[cat] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
-    perception = sum(v["score"] for c, v in per_category.items() if c in MME_PERCEPTION)
-    cognition = sum(v["score"] for c, v in per_category.items() if c in MME_COGNITION)
+        total, n_images = 0.0, 0
+        for scores in questions.values():
+            if len(scores) != 2:
+                unpaired += len(scores)
+                continue
+            total += (sum(scores) == 2) * 100.0 + sum(scores) / len(scores) * 100.0
+            n_images += 1
+        if n_images:
+            per_category[cat] = total / n_images
+    perception = sum(v for c, v in per_category.items() if c in MME_PERCEPTION)
+    cognition = sum(v for c, v in per_category.items() if c not in MME_PERCEPTION)  # lmms-eval: all the others
     return {"mme_perception_score": perception, "mme_cognition_score": cognition,
-            "mme_total_score": perception + cognition, "categories": per_category}
+            "mme_total_score": perception + cognition, "categories": per_category, "unpaired_questions": unpaired}
 
 
 # --------------------------------------------------------------------------- OCRBench
@@ -260,20 +229,17 @@ def _fold_fullwidth(text: str) -> str:
 
 
 def ocrbench_score(prediction: str, answers: Sequence[str] | str, source: str = "") -> float:
-    """1 when a reference answer is contained in the prediction (OCRBench's rule).
+    """1 when a reference answer is contained in the prediction (OCRBench's rule, as lmms-eval applies it).
 
-    HME100k (handwritten math) compares with all spaces removed; the others case-insensitively.
+    HME100k (handwritten math) compares with all spaces removed, the others case-insensitively with
+    full-width ASCII folded. An empty reference is contained in every prediction.
     """
     answers = [answers] if isinstance(answers, str) else list(answers)
     pred = str(prediction).strip()
     for answer in answers:
-        if not str(answer).strip():  # an empty reference matches only an empty prediction
-            if not pred:
-                return 1.0
-            continue
         if source == "HME100k":
             a = str(answer).strip().replace("\n", " ").replace(" ", "")
-            p = pred.replace("\n", " ").replace(" ", "")
+            p = pred.strip().replace("\n", " ").replace(" ", "")
         else:
             a = _fold_fullwidth(str(answer)).lower().strip().replace("\n", " ")
             p = _fold_fullwidth(pred).lower().strip().replace("\n", " ")
@@ -284,53 +250,22 @@ def ocrbench_score(prediction: str, answers: Sequence[str] | str, source: str = 
 
 OCRBENCH_RECOGNITION = ("Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition",
                         "Handwriting Recognition", "Digit String Recognition", "Non-Semantic Text Recognition")
+OCRBENCH_TYPES = OCRBENCH_RECOGNITION + ("Scene Text-centric VQA", "Doc-oriented VQA", "Key Information Extraction",
+                                         "Handwritten Mathematical Expression Recognition")
+OCRBENCH_FULL_SCORE = 1000  # lmms-eval's accuracy is the final score over the full set's 1000, whatever --limit
 
 
 def ocrbench_totals(records: Iterable[dict]) -> dict:
-    """OCRBench final score (sum of correct answers, out of 1000 on the full set) and its parts."""
-    per_type: dict[str, float] = defaultdict(float)
-    n = 0
+    """OCRBench final score (the number of correct answers) per question type, and accuracy = final / 1000."""
+    per_type = dict.fromkeys(OCRBENCH_TYPES, 0.0)
     for r in records:
-        per_type[r["question_type"]] += float(r["score"])
-        n += 1
-    recognition = sum(v for k, v in per_type.items() if k in OCRBENCH_RECOGNITION)
-    final = sum(per_type.values())
+        if r["question_type"] not in per_type:
+            raise ValueError(f"unknown OCRBench question type {r['question_type']!r}; known: {', '.join(OCRBENCH_TYPES)}")
+        per_type[r["question_type"]] += r["score"]
+    recognition = sum(per_type[k] for k in OCRBENCH_RECOGNITION)
+    final = recognition + sum(per_type[k] for k in OCRBENCH_TYPES[len(OCRBENCH_RECOGNITION):])
     return {"ocrbench_final_score": final, "ocrbench_text_recognition": recognition,
-            "ocrbench_accuracy": final / n if n else 0.0, "question_types": dict(per_type)}
-
-
-# --------------------------------------------------------------------------- MMMU open questions
-
-
-def _mmmu_numbers(text: str) -> list[float]:
-    out = []
-    for m in re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?", text):
-        try:
-            out.append(float(m.replace(",", "")))
-        except ValueError:
-            pass
-    return out
-
-
-def mmmu_open_accuracy(prediction: str, answers: Sequence[str] | str) -> float:
-    """MMMU open question: correct if a reference number appears among the prediction's numbers, or the
-    normalised reference string is contained in the normalised prediction (the official eval_open rule)."""
-    answers = [answers] if isinstance(answers, str) else list(answers)
-    pred = str(prediction).strip().lower().rstrip(".")
-    pred_numbers = [round(x, 2) for x in _mmmu_numbers(pred)]
-    for answer in answers:
-        a = str(answer).strip().lower().rstrip(".")
-        if not a:
-            if not pred:
-                return 1.0
-            continue
-        nums = _mmmu_numbers(a)
-        if nums and re.fullmatch(r"\s*-?[\d,\.eE+-]+\s*", a):
-            if round(nums[0], 2) in pred_numbers:
-                return 1.0
-        elif a and (a in pred if len(a) > 1 else a == pred):
-            return 1.0
-    return 0.0
+            "ocrbench_accuracy": final / OCRBENCH_FULL_SCORE, "question_types": per_type}
 
 
 # --------------------------------------------------------------------------- agreement

@@ -26,7 +26,7 @@ from .data import SampleError, TaskData
 from .metrics import agreement
 from .summary import config_metrics, mean_of_defined
 from .tasks import Task
-from .tasks.formats import AGGREGATIONS, SCORERS, loyalty_references
+from .tasks.scoring import AGGREGATIONS, loyalty_references, score_sample
 
 log = logging.getLogger("evaluation")
 
@@ -131,10 +131,17 @@ class Settings:
     world: int = 1
 
 
-def generation_kwargs(task: Task, user: dict) -> dict:
-    """Greedy by default with the task's max_new_tokens; temperature 0 means greedy; stop strings are dropped."""
-    kw = {"max_new_tokens": task.max_new_tokens, "do_sample": False, "num_beams": 1}
-    kw.update({k: v for k, v in user.items() if k not in ("until",)})
+def generation_kwargs(task: Task, user: dict, family: str = "default") -> dict:
+    """lmms-eval's settings for the task and family: greedy, the task's max_new_tokens (else the lmms-eval
+    model's default), and `until` (stop strings cut from the answer) where that model applies them.
+    `user` (--gen_kwargs) overrides; temperature 0 means greedy."""
+    model = task.lmms_model(family)
+    kw = {"max_new_tokens": task.max_new_tokens or model.max_new_tokens, "do_sample": False, "num_beams": 1}
+    kw.update({k: v for k, v in user.items() if k != "until"})
+    until = user.get("until", task.until)
+    until = [until] if isinstance(until, str) else list(until)
+    if until and not model.chat:
+        kw["until"] = until
     if kw.get("temperature") in (0, 0.0):
         kw.pop("temperature")
         kw["do_sample"] = False
@@ -142,6 +149,12 @@ def generation_kwargs(task: Task, user: dict) -> dict:
         kw.pop("temperature", None)
         kw.pop("top_p", None)
     return kw
+
+
+def cut_at_stop_strings(text: str, until) -> str:
+    """The answer up to the first stop string, stripped (lmms-eval's simple models)."""
+    stop = min([text.index(term) for term in until or () if term and term in text], default=len(text))
+    return text[:stop].strip()
 
 
 def seed_everything(seed: int) -> None:
@@ -173,6 +186,10 @@ class ModelRunner:
         self.model_type = AutoConfig.from_pretrained(pretrained).model_type
 
     def prompt(self, sample: dict) -> str:
+        if sample.get("content"):  # interleaved, as lmms-eval's doc_to_messages (image parts carry an index)
+            content = [{"type": "image"} if part["type"] == "image" else part for part in sample["content"]]
+            return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True, tokenize=False)
         content = [{"type": "image"} for _ in sample["images"]]
         if sample.get("video") is not None:
             content.append({"type": "video"})
@@ -186,12 +203,14 @@ class ModelRunner:
         videos = [s["video"] for s in samples if s.get("video") is not None]
         inputs = self.processor(text=texts, images=images or None, videos=videos or None, padding=True,
                                 return_tensors="pt").to(self.device)
+        until = gen_kwargs.get("until")
+        gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "until"}
         with torch.inference_mode(), efficiency.Measure(self.device) as measure:
             out = self.model.generate(**inputs, **gen_kwargs, logits_processor=[measure.timer])
         new = out[:, inputs["input_ids"].shape[1]:]
         decoded = self.processor.batch_decode(new, skip_special_tokens=True)
         stats = efficiency.merge_model_stats(measure.stats, getattr(self.model, "compression_stats", None), len(samples))
-        return [(d.strip(), dict(stats)) for d in decoded]
+        return [(cut_at_stop_strings(d, until), dict(stats)) for d in decoded]
 
     def close(self) -> None:
         del self.model
@@ -230,7 +249,7 @@ def generate_task(runner, data: TaskData, settings: Settings, config: dict, cach
     from tqdm.auto import tqdm
 
     task = data.task
-    gen = generation_kwargs(task, settings.gen_kwargs)
+    gen = generation_kwargs(task, settings.gen_kwargs, family)
     ids = shard_ids(len(data), settings.rank, settings.world)
     records: list[dict] = []
     pending: list[tuple[dict, str | None]] = []
@@ -291,18 +310,23 @@ def generate_task(runner, data: TaskData, settings: Settings, config: dict, cach
 # --------------------------------------------------------------------------- scoring
 
 
-def score_task(task: Task, records: list[dict], baseline: list[dict] | None = None, predict_only: bool = False) -> dict:
-    """Metrics, loyalty to `baseline` (records of the uncompressed run) and efficiency of one task."""
+def score_task(task: Task, records: list[dict], baseline: list[dict] | None = None, predict_only: bool = False,
+               seed: int = 0) -> dict:
+    """Metrics, loyalty to `baseline` (records of the uncompressed run) and efficiency of one task.
+
+    Samples are scored in doc_id order with one `random.Random(seed)` per pass, so MMMU's random
+    fallback draws the letters lmms-eval draws after `random.seed(seed)` (its `--seed` default is 0).
+    """
     ok = [r for r in records if r.get("error") is None]
     failures = [{"doc_id": r["doc_id"], "id": r["id"], "error": r["error"]} for r in records if r.get("error")]
     out = {"n_samples": len(records), "n_scored": len(ok), "failures": len(failures), "failed_samples": failures,
            "efficiency": efficiency.aggregate([r["stats"] for r in ok])}
     if predict_only:
         return out
-    scorer = SCORERS[task.scorer]
+    rng = random.Random(seed)
     scored = []
     for r in ok:
-        r["scores"] = scorer(r["prediction"], r["answers"], r)
+        r["scores"] = score_sample(task, r["prediction"], r["answers"], r, rng)
         scored.append((r, r["scores"]))
     out["metrics"] = AGGREGATIONS[task.aggregation](task, scored) if scored else {}
     key = task.sample_score_key
@@ -312,9 +336,10 @@ def score_task(task: Task, records: list[dict], baseline: list[dict] | None = No
         base_by_id = {b["doc_id"]: b for b in baseline if b.get("error") is None}
         pairs = [(r, base_by_id[r["doc_id"]]) for r in ok if r["doc_id"] in base_by_id]
         loyal = []
+        baseline_rng, rng = random.Random(seed), random.Random(seed)
         for r, b in pairs:
-            refs = loyalty_references(task, b["prediction"], r)
-            r["loyalty"] = scorer(r["prediction"], refs, r)
+            refs = loyalty_references(task, b["prediction"], r, baseline_rng)
+            r["loyalty"] = score_sample(task, r["prediction"], refs, r, rng)
             r["agreement"] = agreement(r["prediction"], b["prediction"])
             r["baseline_prediction"] = b["prediction"]
             loyal.append((r, r["loyalty"]))
@@ -417,7 +442,7 @@ def evaluate(settings: Settings, configs: list[dict], on_run_done=None, runner_f
                 if run["baseline"]:
                     baseline_records[task.name] = records
                 compare = None if run["baseline"] else baseline_records.get(task.name)
-                run["tasks"][task.name] = score_task(task, records, compare, settings.predict_only)
+                run["tasks"][task.name] = score_task(task, records, compare, settings.predict_only, settings.seed)
                 run["records"][task.name] = records
             runner.close()
         bar.update(done_before + per_config - bar.n)  # a config that failed to load skips its samples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluation.data import SampleError, TaskData, load_video_frames  # noqa: E402
 from evaluation.tasks import TASKS, get_task, resolve_tasks  # noqa: E402
-from evaluation.tasks.formats import SCORERS, loyalty_references  # noqa: E402
+from evaluation.tasks.scoring import AGGREGATIONS, loyalty_references, score_sample  # noqa: E402
 from evaluation.tasks.synthetic import SYNTHETIC_TASKS, corrupt_image, write_local_dataset  # noqa: E402
 
 N = 6
@@ -53,21 +54,24 @@ def test_task_loads_formats_and_scores(name, data_dir):
         post = task.prompt_kwargs("qwen2_vl").get("post_prompt")
         if post:
             assert sample["prompt"].endswith(post)
-        scorer = SCORERS[task.scorer]
         key = task.sample_score_key
+        rng = random.Random(0)
         # the gold answer scores 1, a nonsense answer 0, and an answer scored against itself is loyal
         gold = sample["answers"][0]
-        assert scorer(gold, sample["answers"], sample)[key] == 1.0, (name, gold)
-        assert scorer("qqqq zzzz qqqq zzzz", sample["answers"], sample)[key] == 0.0, name
-        refs = loyalty_references(task, gold, sample)
-        assert scorer(gold, refs, sample)[key] == 1.0
+        assert score_sample(task, gold, sample["answers"], sample, rng)[key] == 1.0, (name, gold)
+        # a wrong option letter where there are options (MMMU would draw a random one for plain nonsense)
+        wrong = next((f"({c})" for c in "ABCD" if c != gold), "") if sample["options"] else ""
+        assert score_sample(task, f"{wrong} qqqq zzzz", sample["answers"], sample, rng)[key] == 0.0, name
+        refs = loyalty_references(task, gold, sample, rng)
+        assert score_sample(task, gold, refs, sample, rng)[key] == 1.0
 
 
 def test_lmms_eval_prompts(data_dir):
     docvqa = TaskData(get_task("docvqa_val"), str(data_dir)).sample(0)
     assert docvqa["prompt"].endswith("\nAnswer the question using a single word or phrase.")
     mme = TaskData(get_task("mme"), str(data_dir)).sample(0)
-    assert mme["prompt"].endswith("Please answer yes or no.")
+    # lmms-eval's post prompt replaces the question's own " Please answer yes or no."
+    assert mme["prompt"].endswith("image?\nAnswer the question using a single word or phrase.")
     ai2d = TaskData(get_task("ai2d"), str(data_dir)).sample(0)
     assert "\nA. " in ai2d["prompt"] and "\nD. " in ai2d["prompt"]
     assert ai2d["prompt"].endswith("\nAnswer with the option's letter from the given choices directly.")
@@ -81,8 +85,6 @@ def test_lmms_eval_prompts(data_dir):
 def test_mme_aggregation_pairs_questions(data_dir):
     task = get_task("mme")
     data = TaskData(task, str(data_dir))
-    from evaluation.tasks.formats import AGGREGATIONS
-
     records = []
     for i in range(len(data)):
         s = data.sample(i)

@@ -114,7 +114,7 @@ def _rows(name: str, n: int, rng) -> tuple[list[dict], dict]:
                              "answer": "ABC"[i % 3]})
         return rows, {}
     if name == "videomme":
-        rows = [{"video_id": f"{i:03d}", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity",
+        rows = [{"video_id": f"{i:03d}", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
                  "url": "", "videoID": f"vid{i % max(1, n // 2)}", "question_id": f"{i:03d}-1", "task_type": "Counting Problem",
                  "question": f"How many objects appear in clip {i}?",
                  "options": [f"A. {i}", f"B. {i + 1}", f"C. {i + 2}", f"D. {i + 3}"], "answer": "ABCD"[i % 4]}
