@@ -152,8 +152,12 @@ def agg_mme(task, records):
         {"question_id": sample["id"], "category": sample["meta"].get("category"), "score": scores["mme_acc"]}
         for sample, scores in records
     )
-    out.update({k: v for k, v in totals.items() if k != "categories"})
+    out.update({k: v for k, v in totals.items() if k.startswith("mme_")})
     out["mme_categories"] = totals["categories"]
+    out["mme_unpaired_questions"] = totals["unpaired_questions"]
+    if totals["unpaired_questions"]:
+        log.warning("%s: %d questions without their pair (--limit?) are left out of the MME scores",
+                    task.name, totals["unpaired_questions"])
     return out
 
 
