@@ -70,7 +70,7 @@ def test_parsing():
 def test_tasks_list(capsys):
     assert cli.main(["--tasks", "list"]) is None
     out = capsys.readouterr().out
-    assert "lmms-lab/DocVQA" in out and "videomme" in out
+    assert "lmms-lab-encoder/DocVQA" in out and "videomme" in out
 
 
 def test_sweep_writes_reports_and_pareto(env, tmp_path):
