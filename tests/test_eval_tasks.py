@@ -143,3 +143,42 @@ def test_video_frames_even_and_uniform(tmp_path):
     assert reds[0] == 0 and reds[2] == 120 and reds[3] == reds[2]
     with pytest.raises(SampleError):
         load_video_frames(tmp_path / "missing.gif", 3)
+
+
+def test_chat_models_get_mmmu_images_in_place(tmp_path, data_dir):
+    """lmms-eval's doc_to_messages for chat models: the image where the question names it, not first."""
+    from transformers import AutoProcessor
+
+    from evaluation.runner import ModelRunner
+    from vlmcompress.testing import save_tiny_model
+
+    task, data = get_task("mmmu_val"), TaskData(get_task("mmmu_val"), str(data_dir))
+    runner = object.__new__(ModelRunner)  # only its prompt rendering, no model
+    runner.processor = AutoProcessor.from_pretrained(save_tiny_model("llava_onevision", tmp_path / "m"))
+    chat = data.sample(0, "llava_onevision")
+    assert "<image 1>" not in chat["prompt"] and len(chat["images"]) == 1
+    assert [part["type"] for part in chat["content"]] == ["image", "text"]
+    question = chat["content"][1]["text"].splitlines()[0]
+    rendered = runner.prompt(dict(chat, content=[{"type": "text", "text": "Before."}] + chat["content"]))
+    assert rendered.index("Before.") < rendered.index("<image>") < rendered.index(question)
+    simple = data.sample(0, "qwen2_vl")  # simple models keep the text as is, images first
+    assert simple["content"] is None and simple["prompt"].startswith("<image 1> ")
+
+
+def test_mmmu_fallbacks_are_seeded_and_counted(data_dir):
+    from evaluation.runner import score_task
+
+    task = get_task("mmmu_val")
+    data = TaskData(task, str(data_dir))
+    samples = [data.sample(i) for i in range(len(data))]
+    n_choice = sum(s["meta"]["question_type"] == "multiple-choice" for s in samples)
+
+    def run(seed):
+        records = [dict(s, prediction="no idea", stats={}) for s in samples]
+        out = score_task(task, records, seed=seed)
+        return [r["scores"]["mmmu_acc"] for r in records], out["metrics"]
+
+    scores, metrics = run(0)
+    assert metrics["mmmu_acc_random_fallbacks"] == n_choice > 0
+    assert run(0)[0] == scores  # the same seed draws the same letters
+    assert any(run(seed)[0] != scores for seed in range(1, 20))

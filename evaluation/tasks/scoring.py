@@ -189,7 +189,7 @@ def agg_mmmu(task, records):
     if fallbacks:
         log.warning("%s: %d of %d answers named no option; their letters were drawn at random, as lmms-eval does",
                     task.name, fallbacks, len(records))
-    return {"mmmu_acc": round(weighted / n, 5) if n else 0, "mmmu_random_fallbacks": fallbacks}
+    return {"mmmu_acc": round(weighted / n, 5) if n else 0, "mmmu_acc_random_fallbacks": fallbacks}
 
 
 def agg_videomme(task, records):
