@@ -60,7 +60,7 @@ def _load_local(path: Path, split: str):
 
 
 def local_path(data_dir: str | os.PathLike, name: str, dataset_id: str | None = None) -> Path | None:
-    """Where a local copy of `name` (a task name, or a dataset id like lmms-lab/DocVQA) lives under data_dir."""
+    """Where a local copy of `name` (a task name, or a dataset id like lmms-lab-encoder/DocVQA) lives under data_dir."""
     root = Path(data_dir)
     for candidate in (root / name, *( [root / dataset_id, root / dataset_id.replace("/", "__")] if dataset_id else [])):
         if candidate.is_dir():

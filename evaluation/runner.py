@@ -139,7 +139,7 @@ def generation_kwargs(task: Task, user: dict, family: str = "default") -> dict:
     kw = {"max_new_tokens": task.max_new_tokens or model.max_new_tokens, "do_sample": False, "num_beams": 1}
     kw.update({k: v for k, v in user.items() if k != "until"})
     until = user.get("until", task.until)
-    until = [until] if isinstance(until, str) else list(until)
+    until = [str(u) for u in until] if isinstance(until, (list, tuple)) else [str(until)]
     if until and not model.chat:
         kw["until"] = until
     if kw.get("temperature") in (0, 0.0):

@@ -148,6 +148,7 @@ def check_generation(text: str, tasks: list[Task]) -> dict:
         raise UsageError(f"--gen_kwargs: {exc}") from None
     settings = {json.dumps(generation_kwargs(t, user), sort_keys=True, default=str) for t in tasks}
     for kwargs in (json.loads(s) for s in sorted(settings)):
+        kwargs.pop("until", None)  # stop strings are cut from the answer (runner.cut_at_stop_strings), not generate's
         try:
             try_generation(kwargs)
         except Exception as exc:  # noqa: BLE001 - transformers raises ValueError, TypeError, ZeroDivisionError...

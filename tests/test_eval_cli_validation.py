@@ -217,9 +217,9 @@ def test_a_hub_dataset_while_offline_fails_within_seconds(env, capsys, no_model,
     started = time.perf_counter()
     message = rejected(args, capsys, no_model)
     assert time.perf_counter() - started < 30  # the checks, not a download's retries (a loaded CI machine)
-    assert "task chartqa reads lmms-lab/ChartQA from the Hub, which is out of reach" in message
+    assert "task chartqa reads lmms-lab-encoder/ChartQA from the Hub, which is out of reach" in message
     assert "--data_dir DIR with a copy at DIR/chartqa" in message and "HF_HUB_OFFLINE" in message
-    # a cached copy is enough
+    # a cached copy is enough, also of the older lmms-lab mirror
     (tmp_path / "hf" / "hub" / "datasets--lmms-lab--ChartQA").mkdir(parents=True)
     validation.check_data(validation.check_tasks("chartqa"), None, validation.HubAccess())
 
