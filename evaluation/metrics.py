@@ -260,7 +260,8 @@ def ocrbench_totals(records: Iterable[dict]) -> dict:
     per_type = dict.fromkeys(OCRBENCH_TYPES, 0.0)
     for r in records:
         if r["question_type"] not in per_type:
-            raise ValueError(f"unknown OCRBench question type {r['question_type']!r}; known: {', '.join(OCRBENCH_TYPES)}")
+            raise ValueError(f"unknown OCRBench question type {r['question_type']!r}; "
+                             f"known: {', '.join(OCRBENCH_TYPES)}")
         per_type[r["question_type"]] += r["score"]
     recognition = sum(per_type[k] for k in OCRBENCH_RECOGNITION)
     final = recognition + sum(per_type[k] for k in OCRBENCH_TYPES[len(OCRBENCH_RECOGNITION):])

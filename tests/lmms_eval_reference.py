@@ -26,12 +26,14 @@ import pytest
 
 LMMS_EVAL_VERSION = "0.7.3"
 TASK_FILES = {  # our task name -> lmms-eval's task YAML
-    "docvqa_val": "docvqa/docvqa_val.yaml", "chartqa": "chartqa/chartqa.yaml", "textvqa_val": "textvqa/textvqa_val.yaml",
+    "docvqa_val": "docvqa/docvqa_val.yaml", "chartqa": "chartqa/chartqa.yaml",
+    "textvqa_val": "textvqa/textvqa_val.yaml",
     "ocrbench": "ocrbench/ocrbench.yaml", "ai2d": "ai2d/ai2d.yaml", "mmmu_val": "mmmu/mmmu_val.yaml",
     "mme": "mme/mme.yaml", "gqa": "gqa/gqa.yaml", "scienceqa_img": "scienceqa/scienceqa_img.yaml",
     "realworldqa": "realworldqa/realworldqa.yaml", "videomme": "videomme/videomme.yaml",
 }
-UTILS = ("docvqa", "chartqa", "textvqa", "ocrbench", "ai2d", "mmmu", "mme", "gqa", "scienceqa", "realworldqa", "videomme")
+UTILS = ("docvqa", "chartqa", "textvqa", "ocrbench", "ai2d", "mmmu", "mme", "gqa", "scienceqa", "realworldqa",
+         "videomme")
 
 
 def require_lmms_eval() -> Path:

@@ -152,7 +152,7 @@ def test_chat_models_get_mmmu_images_in_place(tmp_path, data_dir):
     from evaluation.runner import ModelRunner
     from vlmcompress.testing import save_tiny_model
 
-    task, data = get_task("mmmu_val"), TaskData(get_task("mmmu_val"), str(data_dir))
+    data = TaskData(get_task("mmmu_val"), str(data_dir))
     runner = object.__new__(ModelRunner)  # only its prompt rendering, no model
     runner.processor = AutoProcessor.from_pretrained(save_tiny_model("llava_onevision", tmp_path / "m"))
     chat = data.sample(0, "llava_onevision")

@@ -36,7 +36,8 @@ def lmms(tmp_path_factory):
 def ours(name: str, cases, seed: int = 0):
     """Our per-sample scores and metrics for (document, prediction) cases, through `score_task`."""
     task = get_task(name)
-    records = [dict(text_sample(task, doc, "qwen2_vl", i), prediction=pred, stats={}) for i, (doc, pred) in enumerate(cases)]
+    records = [dict(text_sample(task, doc, "qwen2_vl", i), prediction=pred, stats={})
+               for i, (doc, pred) in enumerate(cases)]
     out = score_task(task, records, seed=seed)
     return [r["scores"] for r in records], out["metrics"]
 
@@ -149,8 +150,9 @@ def test_ai2d_filter_and_exact_match(lmms):
     for doc, pred in cases:
         filtered = extract.apply([[pred]], [doc])[0].strip()
         target = utils.ai2d_doc_to_target(doc, "mcq")
-        theirs.append(float(lmms.metrics.exact_match_hf_evaluate(predictions=[filtered], references=[target],
-                                                                 ignore_case=True, ignore_punctuation=True)["exact_match"]))
+        score = lmms.metrics.exact_match_hf_evaluate(predictions=[filtered], references=[target], ignore_case=True,
+                                                     ignore_punctuation=True)["exact_match"]
+        theirs.append(float(score))
     check(cases, [s["exact_match"] for s in scores], theirs)
     assert metrics["exact_match"] == lmms.metrics.mean(theirs)
 

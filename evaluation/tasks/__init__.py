@@ -97,11 +97,13 @@ register(Task(
 ))
 register(Task(
     name="chartqa", dataset="lmms-lab-encoder/ChartQA", split="test", meta_fields=("type",), scorer="relaxed",
-    primary="relaxed_overall", prompts={"default": {"pre_prompt": "", "post_prompt": "\nAnswer the question with a single word."}},
+    primary="relaxed_overall",
+    prompts={"default": {"pre_prompt": "", "post_prompt": "\nAnswer the question with a single word."}},
     mirrors=("lmms-lab/ChartQA",),
 ))
 register(Task(
-    name="textvqa_val", dataset="lmms-lab-encoder/textvqa", split="validation", answer="answers", id_field="question_id",
+    name="textvqa_val", dataset="lmms-lab-encoder/textvqa", split="validation", answer="answers",
+    id_field="question_id",
     fmt="question_capitalized", target="list", scorer="vqa", primary="exact_match", max_new_tokens=None,
     until=("ASSISTANT:",), mirrors=("lmms-lab/textvqa",),
 ))

@@ -133,7 +133,7 @@ def loyalty_references(task, baseline_prediction: str, sample, rng: random.Rando
     return [text]
 
 
-# --------------------------------------------------------------------------- aggregations: [(sample, scores)] -> metrics
+# --------------------------------------------------------------------------- aggregations
 
 
 def lmms_mean(values) -> float:
