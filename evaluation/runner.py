@@ -188,12 +188,11 @@ class ModelRunner:
     def prompt(self, sample: dict) -> str:
         if sample.get("content"):  # interleaved, as lmms-eval's doc_to_messages (image parts carry an index)
             content = [{"type": "image"} if part["type"] == "image" else part for part in sample["content"]]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True, tokenize=False)
-        content = [{"type": "image"} for _ in sample["images"]]
-        if sample.get("video") is not None:
-            content.append({"type": "video"})
-        content.append({"type": "text", "text": sample["prompt"]})
+        else:  # the visuals, then the text
+            content = [{"type": "image"} for _ in sample["images"]]
+            if sample.get("video") is not None:
+                content.append({"type": "video"})
+            content.append({"type": "text", "text": sample["prompt"]})
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                   tokenize=False)
 
