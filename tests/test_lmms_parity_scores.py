@@ -222,7 +222,7 @@ def test_mmmu_parsing_fallback_and_aggregate(lmms, monkeypatch, seed):
     scores, metrics = ours("mmmu_val", cases, seed=seed)
     counting = CountingRandom()
     monkeypatch.setattr(lmms.mcq_utils, "random", counting)
-    random.seed(seed)  # lmms-eval's evaluator seeds `random` once (--seed, 0 by default), then scores in doc order
+    random.seed(seed)  # lmms-eval seeds `random` once (--seed, 0 by default); serially it scores in doc order
     results = [r["mmmu_acc"] for r in lmms_results(lmms, "mmmu", "mmmu_process_results", cases)]
     utils = lmms.utils["mmmu"]
     theirs = [float(utils.evaluate_mmmu([r])[1]["acc"]) for r in results]
