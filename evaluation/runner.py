@@ -131,9 +131,9 @@ class Settings:
     world: int = 1
 
 
-def generation_kwargs(task: Task, user: dict) -> dict:
-    """Greedy by default with the task's max_new_tokens; temperature 0 means greedy; stop strings are dropped."""
-    kw = {"max_new_tokens": task.max_new_tokens, "do_sample": False, "num_beams": 1}
+def generation_kwargs(max_new_tokens: int, user: dict) -> dict:
+    """Greedy by default with `max_new_tokens` (the task's); temperature 0 means greedy; stop strings are dropped."""
+    kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
     kw.update({k: v for k, v in user.items() if k not in ("until",)})
     if kw.get("temperature") in (0, 0.0):
         kw.pop("temperature")
@@ -230,7 +230,7 @@ def generate_task(runner, data: TaskData, settings: Settings, config: dict, cach
     from tqdm.auto import tqdm
 
     task = data.task
-    gen = generation_kwargs(task, settings.gen_kwargs)
+    gen = generation_kwargs(task.max_new_tokens, settings.gen_kwargs)
     ids = shard_ids(len(data), settings.rank, settings.world)
     records: list[dict] = []
     pending: list[tuple[dict, str | None]] = []
