@@ -82,6 +82,38 @@ def test_generate_until_batches_as_single_and_as_run_py(arch, tiny_dirs, tmp_pat
     assert all(r["visual_tokens"] > 0 and r["kv_bytes"] > 0 and r["ttft_s"] > 0 for r in rows)
 
 
+def test_model_args_reach_vlmcompress_load(tiny_dirs):
+    """Compression and cuda_graphs pass through (typed as lmms-eval parses them, 'none' meaning None); on the CPU
+    static decoding runs its steps eagerly and answers as the default decoding does."""
+    docs = toy_docs()
+    outputs = {}
+    for cuda_graphs in (False, True):
+        model = VlmCompress(pretrained=tiny_dirs["qwen2_vl"], device="cpu", kv="snapkv", kv_budget=0.5, window_size=4,
+                            prune="none", cuda_graphs=cuda_graphs)
+        expected = {"kv": {"method": "snapkv", "budget": 0.5, "window_size": 4}}
+        expected.update({"cuda_graphs": True} if cuda_graphs else {})
+        assert model.runner.model.compression.describe() == expected
+        model.task_dict = {"toy": {"test": docs}}
+        outputs[cuda_graphs] = model.generate_until(requests(docs))
+    assert outputs[True] == outputs[False]
+
+
+def test_a_video_file_is_sampled_as_run_py_samples_it(tiny_dirs, tmp_path):
+    from evaluation.data import load_video_frames
+
+    video = tmp_path / "clip.gif"
+    frames = [random_image(i) for i in range(6)]
+    frames[0].save(video, save_all=True, append_images=frames[1:], duration=100)
+    model = VlmCompress(pretrained=tiny_dirs["qwen2_vl"], device="cpu", num_frames=4)
+    model.task_dict = {"clips": {"test": {0: {"question": "What happens?", "video": str(video)}}}}
+    request = Instance(request_type="generate_until", idx=0, metadata={"task": "clips", "doc_id": 0, "repeats": 1},
+                       arguments=("What happens?", dict(GEN), lambda doc: [doc["video"]], 0, "clips", "test"))
+    sample = {"prompt": "What happens?", "images": [], "video": load_video_frames(video, 4)}
+    gen = generation_kwargs(GEN["max_new_tokens"], {})
+    assert model.generate_until([request]) == [model.runner.generate([sample], gen)[0][0]]
+    assert model.rows["clips"][0]["visual_tokens"] > 0
+
+
 def test_stop_strings_truncate_and_placeholders_are_not_text(tiny_dirs):
     docs = toy_docs()
     model = VlmCompress(pretrained=tiny_dirs["qwen2_vl"], device="cpu", output_path=None)
@@ -148,7 +180,8 @@ def test_unsupported_request_kinds_name_the_task(tiny_dirs):
 # --------------------------------------------------------------------------- lmms-eval's CLI vs evaluation/run.py
 
 N_SAMPLES = 10  # two questions of each SynthVQA type
-CONFIGS = {"baseline": "", "snapkv": "kv=snapkv,kv_budget=0.2,window_size=16", "visionzip": "prune=visionzip,prune_budget=0.25"}
+CONFIGS = {"baseline": "", "snapkv": "kv=snapkv,kv_budget=0.2,window_size=16",
+           "visionzip": "prune=visionzip,prune_budget=0.25"}
 TASK_UTILS = '''
 from evaluation.reference.synthvqa import exact_match
 
