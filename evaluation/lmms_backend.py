@@ -216,6 +216,8 @@ class VlmCompress(lmms):
             until = gen.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             user = {k: v for k, v in gen.items() if k in GENERATE_KEYS}
+            if (user.get("temperature") or 0) > 0:  # lmms-eval's backends sample when the temperature is above 0
+                user.setdefault("do_sample", True)
             kwargs = generation_kwargs(user.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS), user)
             outputs = self.runner.generate([self._sample(args) for args in chunk], kwargs)
             batch = []
