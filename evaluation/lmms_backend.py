@@ -16,7 +16,6 @@ task into `<date>_efficiency.json`. See docs/lmms_eval.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -57,11 +56,14 @@ def parse_batch_size(value) -> int:
 
 
 def cli_output_path(argv: list[str] | None = None) -> str | None:
-    """lmms-eval's `--output_path` on this process's command line (the model is not told it)."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--output_path", default=None)
-    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return known.output_path
+    """lmms-eval's `--output_path` on this process's command line (lmms-eval does not tell the model)."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg == "--output_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--output_path="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def results_folder(output_path: str | None, pretrained: str) -> Path | None:
@@ -255,9 +257,12 @@ class VlmCompress(lmms):
         """Appended as each batch finishes, so an interrupted run keeps what it measured."""
         if self.folder is None:
             return
+        by_task = defaultdict(list)
         for row in rows:
-            with open(self._path(f"efficiency_{row['task']}", ".jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            by_task[row["task"]].append(json.dumps(row) + "\n")
+        for task, lines in by_task.items():
+            with open(self._path(f"efficiency_{task}", ".jsonl"), "a", encoding="utf-8") as f:
+                f.writelines(lines)
 
     def _write_summary(self) -> None:
         summary = {task: summarize(rows) for task, rows in self.rows.items()}

@@ -32,7 +32,7 @@ except ImportError:
 from lmms_eval.api.instance import Instance  # noqa: E402
 
 from evaluation import run as cli  # noqa: E402
-from evaluation.lmms_backend import VlmCompress, read_baseline_samples  # noqa: E402
+from evaluation.lmms_backend import VlmCompress, cli_output_path, read_baseline_samples  # noqa: E402
 from evaluation.reference import synthvqa  # noqa: E402
 from evaluation.runner import ModelRunner, generation_kwargs  # noqa: E402
 from vlmcompress.testing import ARCHITECTURES, random_image  # noqa: E402
@@ -164,6 +164,12 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no lmms-eval samples file"):
         VlmCompress(pretrained=missing, baseline_samples=str(tmp_path / "empty"))
+
+
+def test_the_output_path_is_read_from_lmms_eval_s_command_line():
+    assert cli_output_path(["--model", "vlmcompress", "--output_path", "out/x", "--log_samples"]) == "out/x"
+    assert cli_output_path(["--output_path=out/y"]) == "out/y"
+    assert cli_output_path(["--tasks", "mme", "--output_path"]) is None  # no value: nothing, and no exit
 
 
 def test_unsupported_request_kinds_name_the_task(tiny_dirs):
