@@ -155,7 +155,8 @@ class VlmCompress(lmms):
     model_args: `pretrained` and every `vlmcompress.load` argument (`kv`, `kv_budget`, `prune`, `prune_budget`,
     `sparsity`, ..., `dtype`, `device_map`, `attn_implementation`, `cuda_graphs`, method options), plus
     `baseline_samples` (a samples file or folder of an uncompressed run, for loyalty), `output_path`
-    (default: lmms-eval's `--output_path`) and `num_frames` (frames sampled per video, 16).
+    (default: lmms-eval's `--output_path`) and `num_frames` (frames sampled per video, 16). lmms-eval also
+    passes `max_batch_size`, which only `--batch_size auto` uses; this backend refuses `auto`.
     """
 
     is_simple = True
@@ -176,8 +177,9 @@ class VlmCompress(lmms):
         self.date = lmms_utils.get_datetime_str()
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if device is None:
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        if device in (None, "cuda") and torch.cuda.is_available():  # one GPU per process under accelerate launch
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        device = device or "cpu"
         typed = {k: parse_value(v) if isinstance(v, str) else v for k, v in model_args.items()}  # 'none' -> None
         base, compression = split_model_args({"pretrained": str(pretrained), **typed})
         self.runner = ModelRunner(base, compression, device)
