@@ -43,6 +43,7 @@ from .tasks.formats import SCORERS, TARGETS, _options_list, loyalty_references
 GENERATE_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "do_sample", "repetition_penalty")
 DEFAULT_MAX_NEW_TOKENS = 128  # lmms-eval's Qwen2-VL backend's default, for a task that sets none
 SAMPLES_FILE = re.compile(r"_samples_(?P<task>.+)\.jsonl$")
+EFFICIENCY_FILE = re.compile(r"^(?P<date>.+?)_efficiency_(?P<task>.+?)(_rank\d+)?\.jsonl$")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -102,6 +103,20 @@ def read_baseline_samples(path: str | os.PathLike) -> dict[str, dict[int, str]]:
     return out
 
 
+def read_baseline_efficiency(path: str | os.PathLike) -> dict[str, list[dict]]:
+    """{task: rows} of the per-sample efficiency files a baseline run of this backend wrote beside its samples
+    (the newest run of each task, every rank); {} for a baseline run by another backend."""
+    path = Path(path)
+    runs = defaultdict(lambda: defaultdict(list))  # task -> date -> files
+    for file in (path if path.is_dir() else path.parent).rglob("*_efficiency_*.jsonl"):
+        match = EFFICIENCY_FILE.search(file.name)
+        if match is not None:
+            runs[match["task"]][match["date"]].append(file)
+    return {task: [json.loads(line) for file in by_date[max(by_date)] for line in file.read_text().splitlines()
+                   if line.strip()]
+            for task, by_date in runs.items()}
+
+
 # --------------------------------------------------------------------------- per-sample records
 
 
@@ -117,11 +132,15 @@ def task_loyalty(task, prediction: str, baseline: str, doc: dict) -> float:
     return scores[task.sample_score_key]
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Means over one task's records: efficiency (efficiency.aggregate), loyalty and agreement where measured."""
+def summarize(rows: list[dict], baseline_rows: list[dict] | None = None) -> dict:
+    """Means over one task's records: efficiency (efficiency.aggregate, with the KV-bytes ratio and speedup
+    over the baseline's rows of the same samples), loyalty and agreement where measured."""
     eff = efficiency.aggregate(rows)
     step = eff.get("decode_s_per_token")
     eff["decode_tokens_per_s"] = 1.0 / step if step else None
+    if baseline_rows:
+        ids = {r["doc_id"] for r in rows}
+        eff.update(efficiency.relative(eff, efficiency.aggregate([b for b in baseline_rows if b["doc_id"] in ids])))
     out = {"n_samples": len(rows), "efficiency": eff}
     for key in ("loyalty", "agreement"):
         values = [r[key] for r in rows if r.get(key) is not None]
@@ -169,6 +188,7 @@ class VlmCompress(lmms):
         self.batch_size_per_gpu = parse_batch_size(batch_size)
         self.num_frames = int(num_frames)
         self.baseline = read_baseline_samples(baseline_samples) if baseline_samples else {}
+        self.baseline_efficiency = read_baseline_efficiency(baseline_samples) if baseline_samples else {}
         self.folder = results_folder(output_path or cli_output_path(), pretrained)
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -267,7 +287,7 @@ class VlmCompress(lmms):
                 f.writelines(lines)
 
     def _write_summary(self) -> None:
-        summary = {task: summarize(rows) for task, rows in self.rows.items()}
+        summary = {task: summarize(rows, self.baseline_efficiency.get(task)) for task, rows in self.rows.items()}
         for task, s in summary.items():
             logger.info(f"vlmcompress {task}: {json.dumps({k: v for k, v in s.items() if k != 'efficiency'})} "
                         f"efficiency {json.dumps(s['efficiency'])}")

@@ -323,10 +323,7 @@ def score_task(task: Task, records: list[dict], baseline: list[dict] | None = No
         out["loyalty_metrics"] = AGGREGATIONS[task.aggregation](task, loyal) if loyal else {}
         out["agreement"] = mean(r["agreement"] for r, _ in pairs) if pairs else None
         base_eff = efficiency.aggregate([b["stats"] for _, b in pairs])
-        if base_eff.get("kv_bytes") and out["efficiency"].get("kv_bytes") is not None:
-            out["efficiency"]["kv_bytes_ratio"] = out["efficiency"]["kv_bytes"] / base_eff["kv_bytes"]
-        if base_eff.get("latency_s") and out["efficiency"].get("latency_s") is not None:
-            out["efficiency"]["speedup"] = base_eff["latency_s"] / out["efficiency"]["latency_s"]
+        out["efficiency"].update(efficiency.relative(out["efficiency"], base_eff))
     return out
 
 

@@ -294,6 +294,10 @@ def test_lmms_eval_cli_equals_run_py_on_synthvqa(synthvqa_task, tmp_path):
             assert summary["loyalty_samples"] == N_SAMPLES
             assert summary["loyalty"] == pytest.approx(ours["loyalty"], abs=1e-12)
             assert summary["agreement"] == pytest.approx(ours["agreement"], abs=1e-12)
+            # the baseline run's efficiency rows sit beside its samples: the KV share is measured against them
+            base = [json.loads(line) for line in next(folders["baseline"].glob("*_efficiency_synthvqa.jsonl")).open()]
+            ratio = summary["efficiency"]["kv_bytes"] / (sum(r["kv_bytes"] for r in base) / len(base))
+            assert summary["efficiency"]["kv_bytes_ratio"] == pytest.approx(ratio, rel=1e-9)
     base_rows = [json.loads(line) for line in next(folders["baseline"].glob("*_efficiency_synthvqa.jsonl")).open()]
     kv_rows = [json.loads(line) for line in next(folders["snapkv"].glob("*_efficiency_synthvqa.jsonl")).open()]
     pruned_rows = [json.loads(line) for line in next(folders["visionzip"].glob("*_efficiency_synthvqa.jsonl")).open()]
