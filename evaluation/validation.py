@@ -146,7 +146,7 @@ def check_generation(text: str, tasks: list[Task]) -> dict:
         user = parse_kv_list(text)
     except ValueError as exc:
         raise UsageError(f"--gen_kwargs: {exc}") from None
-    settings = {json.dumps(generation_kwargs(t, user), sort_keys=True, default=str) for t in tasks}
+    settings = {json.dumps(generation_kwargs(t.max_new_tokens, user), sort_keys=True, default=str) for t in tasks}
     for kwargs in (json.loads(s) for s in sorted(settings)):
         try:
             try_generation(kwargs)

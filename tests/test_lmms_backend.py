@@ -275,7 +275,7 @@ def test_lmms_eval_cli_equals_run_py_on_synthvqa(synthvqa_task, tmp_path):
         runs = cli.main(["--model_args", f"pretrained={CHECKPOINT}" + (f",{model_args}" if model_args else ""),
                          "--tasks", "synthvqa", "--data_dir", str(root / "data"), "--limit", str(N_SAMPLES),
                          "--batch_size", "2", "--device", "cpu", "--use_cache", str(tmp_path / "cache"),
-                         "--verbosity", "ERROR"])
+                         "--output_path", str(tmp_path / name), "--verbosity", "ERROR"])
         ours = runs[-1]["tasks"]["synthvqa"]
         records = {r["doc_id"]: r for r in runs[-1]["records"]["synthvqa"]}
         folder = folders[name]
