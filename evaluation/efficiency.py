@@ -105,3 +105,13 @@ def aggregate(per_sample: list[dict]) -> dict:
             out[key] = max(values) if key in MAX_KEYS else mean(values)
     out["samples_measured"] = sum(1 for s in per_sample if not s.get("cached"))
     return out
+
+
+def relative(measured: dict, baseline: dict) -> dict:
+    """KV bytes as a share of the baseline's and the speedup over it, from two aggregates (where both exist)."""
+    out = {}
+    if baseline.get("kv_bytes") and measured.get("kv_bytes") is not None:
+        out["kv_bytes_ratio"] = measured["kv_bytes"] / baseline["kv_bytes"]
+    if baseline.get("latency_s") and measured.get("latency_s") is not None:
+        out["speedup"] = baseline["latency_s"] / measured["latency_s"]
+    return out

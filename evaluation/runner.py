@@ -136,12 +136,19 @@ def generation_kwargs(task: Task, user: dict, family: str = "default") -> dict:
     model's default), and `until` (stop strings cut from the answer) where that model applies them.
     `user` (--gen_kwargs) overrides; temperature 0 means greedy."""
     model = task.lmms_model(family)
-    kw = {"max_new_tokens": task.max_new_tokens or model.max_new_tokens, "do_sample": False, "num_beams": 1}
-    kw.update({k: v for k, v in user.items() if k != "until"})
+    kw = generate_kwargs(task.max_new_tokens or model.max_new_tokens, user)
     until = user.get("until", task.until)
     until = [str(u) for u in until] if isinstance(until, (list, tuple)) else [str(until)]
     if until and not model.chat:
         kw["until"] = until
+    return kw
+
+
+def generate_kwargs(max_new_tokens: int, user: dict) -> dict:
+    """What `generate` takes: greedy by default with `max_new_tokens`, `user`'s settings over it (temperature 0
+    means greedy); stop strings (`until`) are not generate's, they are cut from the answer."""
+    kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
+    kw.update({k: v for k, v in user.items() if k != "until"})
     if kw.get("temperature") in (0, 0.0):
         kw.pop("temperature")
         kw["do_sample"] = False
@@ -347,10 +354,7 @@ def score_task(task: Task, records: list[dict], baseline: list[dict] | None = No
         out["loyalty_metrics"] = AGGREGATIONS[task.aggregation](task, loyal) if loyal else {}
         out["agreement"] = mean(r["agreement"] for r, _ in pairs) if pairs else None
         base_eff = efficiency.aggregate([b["stats"] for _, b in pairs])
-        if base_eff.get("kv_bytes") and out["efficiency"].get("kv_bytes") is not None:
-            out["efficiency"]["kv_bytes_ratio"] = out["efficiency"]["kv_bytes"] / base_eff["kv_bytes"]
-        if base_eff.get("latency_s") and out["efficiency"].get("latency_s") is not None:
-            out["efficiency"]["speedup"] = base_eff["latency_s"] / out["efficiency"]["latency_s"]
+        out["efficiency"].update(efficiency.relative(out["efficiency"], base_eff))
     return out
 
 

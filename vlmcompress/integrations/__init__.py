@@ -1,0 +1,1 @@
+"""Hooks that plug vlmcompress into other tools (lmms-eval)."""
