@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import sys
 from collections import defaultdict
@@ -36,7 +37,8 @@ from .data import load_video_frames
 from .metrics import agreement
 from .runner import ModelRunner, cut_at_stop_strings, generate_kwargs, parse_value, split_model_args
 from .tasks import TASKS
-from .tasks.formats import SCORERS, TARGETS, _options_list, loyalty_references
+from .tasks.formats import TARGETS, options_list
+from .tasks.scoring import loyalty_references, score_sample
 
 # lmms-eval generation_kwargs that `generate` takes; the others (`until`, `image_aspect_ratio`, ...) are
 # handled here or meant for other backends
@@ -126,10 +128,11 @@ def task_loyalty(task, prediction: str, baseline: str, doc: dict) -> float:
         answers = TARGETS[task.target](task, doc)
     except (ValueError, TypeError, KeyError):  # a split without references (test-dev): only some scorers need them
         answers = []
-    sample = {"answers": answers, "options": _options_list(task, doc) if task.options else None,
+    sample = {"answers": answers, "options": options_list(task, doc) if task.options else None,
               "meta": {k: doc.get(k) for k in task.meta_fields}}
-    scores = SCORERS[task.scorer](prediction, loyalty_references(task, baseline, sample), sample)
-    return scores[task.sample_score_key]
+    # MMMU's random fallback draws from a seeded generator, as `runner.score_task` does
+    references = loyalty_references(task, baseline, sample, random.Random(0))
+    return score_sample(task, prediction, references, sample, random.Random(0))[task.sample_score_key]
 
 
 def summarize(rows: list[dict], baseline_rows: list[dict] | None = None) -> dict:
