@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .flags import samples_for
 from .tasks import Task
 from .tasks.formats import mmmu_image_fields, text_sample
 
@@ -75,7 +76,7 @@ def load_rows(task: Task, data_dir: str | None = None, suffix: str = "", dataset
     from .tasks.synthetic import builder
 
     dataset, config, split = dataset or task.dataset, config if config is not None else task.config, split or task.split
-    build = None if suffix else builder(task.name)
+    build = None if suffix else builder(task)
     if data_dir:
         path = local_path(data_dir, task.name + suffix, dataset)
         if path is not None:
@@ -87,6 +88,8 @@ def load_rows(task: Task, data_dir: str | None = None, suffix: str = "", dataset
             )
     if build is not None:
         return _undecoded(build(split, n))
+    if Path(dataset).is_dir():  # an --include_path YAML's dataset_path may be a local copy
+        return _undecoded(_load_local(Path(dataset), split))
     import datasets
 
     errors = []
@@ -197,11 +200,12 @@ def video_dirs_for(task: Task, data_dir: str | None) -> list[Path]:
 class TaskData:
     """A task's rows plus what is needed to build samples from them (joined images, video folders)."""
 
-    def __init__(self, task: Task, data_dir: str | None = None, limit: int | None = None, num_frames: int = 16):
+    def __init__(self, task: Task, data_dir: str | None = None, limit: int | float | None = None, num_frames: int = 16):
         self.task = task
-        self.rows = load_rows(task, data_dir, n=limit)
+        # a builder draws only the rows a count asks for; a fraction needs the split's size first
+        self.rows = load_rows(task, data_dir, n=limit if isinstance(limit, int) else None)
         if limit is not None:
-            self.rows = self.rows.select(range(min(limit, len(self.rows))))
+            self.rows = self.rows.select(range(samples_for(limit, len(self.rows))))
         if len(self.rows) == 0:
             raise ValueError(f"{task.name} has no rows in its {task.split!r} split")
         self.num_frames = num_frames

@@ -117,10 +117,10 @@ class Settings:
     tasks: list[Task]
     model_args: dict
     family: str = "auto"
-    limit: int | None = None
-    batch_size: int = 1
+    limit: int | float | None = None  # a count, or a fraction in (0, 1) of each task
+    batch_size: int | str = 1          # or "auto" / "auto:N" (BatchSizer)
     gen_kwargs: dict = field(default_factory=dict)
-    seed: int = 0
+    seed: int | None | tuple = 0      # one seed, or (python, numpy, torch, fewshot), None leaving one unset
     device: str | None = None
     data_dir: str | None = None
     cache_dir: str | None = None
@@ -129,6 +129,10 @@ class Settings:
     progress: bool = True
     rank: int = 0
     world: int = 1
+    max_batch_size: int | None = None
+    system_instruction: str | None = None
+    apply_chat_template: bool = False  # the system instruction as a system turn, not text before the prompt
+    write_out: bool = False
 
 
 def generation_kwargs(task: Task, user: dict, family: str = "default") -> dict:
@@ -164,10 +168,70 @@ def cut_at_stop_strings(text: str, until) -> str:
     return text[:stop].strip()
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def seed_parts(seed) -> tuple:
+    """(python, numpy, torch, fewshot) seeds from one seed or lmms-eval's list."""
+    return tuple(seed) if isinstance(seed, (tuple, list)) else (seed,) * 4
+
+
+def seed_everything(seed) -> None:
+    """Seed python, numpy and torch as lmms-eval does; a None part leaves that generator as it is."""
+    python_seed, numpy_seed, torch_seed, _ = seed_parts(seed)
+    if python_seed is not None:
+        random.seed(python_seed)
+    if numpy_seed is not None:
+        np.random.seed(numpy_seed)
+    if torch_seed is not None:
+        torch.manual_seed(torch_seed)
+
+
+def with_system_instruction(sample: dict, instruction: str | None, as_system_turn: bool) -> dict:
+    """The sample under --system_instruction: lmms-eval's fewshot_context puts it right before the prompt text, or,
+    with --apply_chat_template, in a system turn of the chat template."""
+    if instruction is None:
+        return sample
+    if as_system_turn:
+        return dict(sample, system=instruction)
+    content = sample.get("content")
+    if content:
+        first = next(i for i, part in enumerate(content) if part["type"] == "text")
+        content = [dict(part, text=instruction + part["text"]) if i == first else part for i, part in enumerate(content)]
+    return dict(sample, prompt=instruction + sample["prompt"], content=content)
+
+
+def prompt_identity(sample: dict) -> str:
+    """What the cache keys a sample's prompt by: its text, and its system turn when it has one."""
+    return sample["prompt"] if sample.get("system") is None else f"{sample['system']}\x00{sample['prompt']}"
+
+
+class BatchSizer:
+    """--batch_size N, or lmms-eval's `auto`: start at `max_batch_size` and halve on running out of memory, keeping
+    the largest size that fits; `auto:N` starts that search again N times over a task's samples."""
+
+    def __init__(self, spec: int | str, max_batch_size: int | None, n_samples: int):
+        from .flags import DEFAULT_MAX_BATCH_SIZE
+
+        self.auto = isinstance(spec, str)
+        self.start = (max_batch_size or DEFAULT_MAX_BATCH_SIZE) if self.auto else spec
+        searches = int(spec.split(":")[1]) if self.auto and ":" in spec else 1
+        self.search_every = -(-n_samples // searches) if self.auto and searches > 1 else None
+        self.size = self.start
+        self.sizes = [self.start]  # the size of each search, as found (lmms-eval reports batch_sizes)
+
+    def search_starts(self, index: int) -> bool:
+        """Whether a new search begins at the sample in this position (every `search_every` samples)."""
+        return bool(self.search_every and index and index % self.search_every == 0)
+
+    def restart(self) -> None:
+        self.size = self.start
+        self.sizes.append(self.start)
+
+    def halve(self) -> bool:
+        """After running out of memory: a smaller size to retry with (False when already 1 or not auto)."""
+        if not self.auto or self.size == 1:
+            return False
+        self.size = max(1, self.size // 2)
+        self.sizes[-1] = self.size
+        return True
 
 
 # --------------------------------------------------------------------------- model
@@ -200,8 +264,9 @@ class ModelRunner:
             if sample.get("video") is not None:
                 content.append({"type": "video"})
             content.append({"type": "text", "text": sample["prompt"]})
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=False)
+        system = [{"role": "system", "content": [{"type": "text", "text": sample["system"]}]}] if sample.get("system") else []
+        return self.processor.apply_chat_template([*system, {"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=False)
 
     def generate(self, samples: list[dict], gen_kwargs: dict) -> list[tuple[str, dict]]:
         texts = [self.prompt(s) for s in samples]
@@ -248,29 +313,36 @@ def _record(sample: dict | None, doc_id: int, **extra) -> dict:
     return base
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+
+
 def generate_task(runner, data: TaskData, settings: Settings, config: dict, cache: ResponseCache | None,
-                  family: str, model_key: dict, bar=None) -> list[dict]:
+                  family: str, model_key: dict, bar=None, sizer: BatchSizer | None = None) -> list[dict]:
     """Predictions for this rank's share of `data`: cached ones reused, the rest generated and cached at once.
-    `bar` (the run's progress bar) advances by one per sample."""
+    `bar` (the run's progress bar) advances by one per sample; `sizer` (made here when None) sets the batch size."""
     from tqdm.auto import tqdm
 
     task = data.task
     gen = generation_kwargs(task, settings.gen_kwargs, family)
     ids = shard_ids(len(data), settings.rank, settings.world)
+    sizer = sizer or BatchSizer(settings.batch_size, settings.max_batch_size, len(ids))
     records: list[dict] = []
     pending: list[tuple[dict, str | None]] = []
     bar = bar if bar is not None else tqdm(disable=True)
 
-    def flush():
-        if not pending:
-            return
-        batch = [s for s, _ in pending]
+    def run_batch(chunk) -> bool:
+        """Generate `chunk` (one batch, else one by one); False when it ran out of memory and the size was halved."""
+        batch = [s for s, _ in chunk]
         try:
             results = runner.generate(batch, gen) if len(batch) > 1 else None
-        except Exception:  # noqa: BLE001 - isolate the failing sample by retrying one by one
+        except Exception as exc:  # noqa: BLE001 - isolate the failing sample by retrying one by one
+            if out_of_memory(exc) and sizer.halve():
+                log.info("%s: out of memory at batch size %d, trying %d", task.name, len(batch), sizer.size)
+                return False
             log.debug("batch failed, retrying samples one by one", exc_info=True)
             results = None
-        for i, (sample, key) in enumerate(pending):
+        for i, (sample, key) in enumerate(chunk):
             if results is not None:
                 text, stats = results[i]
             else:
@@ -287,9 +359,18 @@ def generate_task(runner, data: TaskData, settings: Settings, config: dict, cach
                 cache.put(key, task.name, sample["doc_id"], config, text, stats)
             records.append(_record(sample, sample["doc_id"], prediction=text, stats=stats, cached=False))
             bar.update(1)
-        pending.clear()
+        return True
 
-    for doc_id in ids:
+    def flush():
+        while pending:
+            chunk = pending[:sizer.size]
+            if run_batch(chunk):
+                del pending[:len(chunk)]
+
+    for index, doc_id in enumerate(ids):
+        if sizer.search_starts(index):  # the samples before it go at the size found so far
+            flush()
+            sizer.restart()
         try:
             sample = data.sample(doc_id, family)
         except SampleError as exc:
@@ -297,9 +378,10 @@ def generate_task(runner, data: TaskData, settings: Settings, config: dict, cach
             records.append(_record(None, doc_id, error=str(exc)))
             bar.update(1)
             continue
+        sample = with_system_instruction(sample, settings.system_instruction, settings.apply_chat_template)
         key = None
         if cache is not None:
-            key = cache_key(model_key, config, task.name, doc_id, sample["prompt"], gen)
+            key = cache_key(model_key, config, task.name, doc_id, prompt_identity(sample), gen)
             hit = cache.get(key)
             if hit is not None:
                 text, stats = hit
@@ -307,10 +389,24 @@ def generate_task(runner, data: TaskData, settings: Settings, config: dict, cach
                 bar.update(1)
                 continue
         pending.append((sample, key))
-        if len(pending) >= settings.batch_size:
+        if len(pending) >= sizer.size:
             flush()
     flush()
     return sorted(records, key=lambda r: r["doc_id"])
+
+
+def write_out(data: TaskData, settings: Settings, family: str) -> None:
+    """--write_out: the first sample's prompt and target of a task, printed as lmms-eval's print_writeout does."""
+    try:
+        sample = with_system_instruction(data.sample(0, family), settings.system_instruction,
+                                         settings.apply_chat_template)
+    except SampleError as exc:
+        print(f"Task: {data.task.name}; document 0 cannot be shown: {exc}")
+        return
+    system = f"system turn: {sample['system']}\n" if sample.get("system") else ""
+    print(f"Task: {data.task.name}; document 0; context prompt (starting on next line):\n{system}{sample['prompt']}\n"
+          f"(end of prompt on previous line)\ntarget string or answer choice index (starting on next line):\n"
+          f"{sample['answers']}\n(end of target on previous line)")
 
 
 # --------------------------------------------------------------------------- scoring
@@ -414,6 +510,9 @@ def evaluate(settings: Settings, configs: list[dict], on_run_done=None, runner_f
             datas[task.name] = exc
     baseline_records: dict[str, list[dict]] = {}
     runs = []
+    # scoring's generator (MMMU's random fallback) follows the python seed; unset, one draw serves every pass
+    score_seed = seed_parts(settings.seed)[0]
+    score_seed = random.SystemRandom().randrange(2**32) if score_seed is None else score_seed
     # one bar for the whole run: configs x this rank's samples, with its ETA
     per_config = sum(len(shard_ids(len(d), settings.rank, settings.world)) for d in datas.values()
                      if not isinstance(d, Exception))
@@ -439,13 +538,18 @@ def evaluate(settings: Settings, configs: list[dict], on_run_done=None, runner_f
                     run["tasks"][task.name] = {"error": f"{type(data).__name__}: {data}", "n_samples": 0, "failures": 0,
                                                "efficiency": {}}
                     continue
+                if settings.write_out and not runs and settings.rank == 0:
+                    write_out(data, settings, family)
                 seed_everything(settings.seed)
-                records = generate_task(runner, data, settings, config, cache, family, mkey, bar)
+                sizer = BatchSizer(settings.batch_size, settings.max_batch_size,
+                                   len(shard_ids(len(data), settings.rank, settings.world)))
+                records = generate_task(runner, data, settings, config, cache, family, mkey, bar, sizer)
                 records = gather(records, settings.world)
                 if run["baseline"]:
                     baseline_records[task.name] = records
                 compare = None if run["baseline"] else baseline_records.get(task.name)
-                run["tasks"][task.name] = score_task(task, records, compare, settings.predict_only, settings.seed)
+                run["tasks"][task.name] = score_task(task, records, compare, settings.predict_only, score_seed)
+                run["tasks"][task.name]["batch_sizes"] = sizer.sizes
                 run["records"][task.name] = records
             runner.close()
         bar.update(done_before + per_config - bar.n)  # a config that failed to load skips its samples

@@ -19,15 +19,12 @@ from urllib.parse import urlparse
 from vlmcompress import SUPPORTED_MODEL_TYPES
 
 from .data import local_path
+from .flags import UsageError, check_unsupported
 from .runner import BASE_KEYS, build_configs, generation_kwargs, parse_kv_list, parse_sweep, run_name, split_model_args
 from .tasks import TASKS, Task
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 CACHE_FILE = "responses.sqlite"  # the file ResponseCache keeps in its folder
-
-
-class UsageError(ValueError):
-    """A bad command-line argument; the message is one line that names the fix."""
 
 
 @dataclass
@@ -38,17 +35,6 @@ class Checked:
     configs: list[dict]
     tasks: list[Task]
     gen_kwargs: dict
-
-
-def at_least_one(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def one_line(exc: BaseException) -> str:
@@ -63,7 +49,7 @@ def check_arguments(args: argparse.Namespace, configs: list[dict] | None = None)
         raise UsageError(f"--model_args: {exc}") from None
     if "pretrained" not in model_args:
         raise UsageError("--model_args needs pretrained=<hub id or checkpoint folder>")
-    tasks = check_tasks(args.tasks)
+    tasks = check_tasks(args.tasks, available_tasks(args.include_path))
     if configs is None:
         configs = check_configs(model_args, args.sweep)
     else:
@@ -72,6 +58,7 @@ def check_arguments(args: argparse.Namespace, configs: list[dict] | None = None)
     check_dtype(model_args.get("dtype"))
     gen_kwargs = check_generation(args.gen_kwargs, tasks)
     check_device(args.device)
+    check_unsupported(args)
     if args.output_path:
         check_writable_folder(args.output_path, "--output_path")
     if args.use_cache:
@@ -85,16 +72,28 @@ def check_arguments(args: argparse.Namespace, configs: list[dict] | None = None)
 # --------------------------------------------------------------------------- tasks and configs
 
 
-def check_tasks(spec: str) -> list[Task]:
+def available_tasks(include_path: str | None) -> dict[str, Task]:
+    """Our tasks, and those of --include_path's lmms-eval YAMLs (which take precedence, as in lmms-eval)."""
+    from .tasks.yaml_tasks import TaskYamlError, load_include_path
+
+    if not include_path:
+        return TASKS
+    try:
+        return {**TASKS, **load_include_path(include_path)}
+    except TaskYamlError as exc:
+        raise UsageError(f"--include_path {one_line(exc)}") from None
+
+
+def check_tasks(spec: str, available: dict[str, Task] = TASKS) -> list[Task]:
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
         raise UsageError("--tasks names no task: give comma-separated names (--tasks list shows them)")
     for name in names:
-        if name not in TASKS:
-            close = difflib.get_close_matches(name, TASKS, n=3, cutoff=0.5)
+        if name not in available:
+            close = difflib.get_close_matches(name, available, n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise UsageError(f"--tasks: unknown task {name!r}; {hint}--tasks list shows all {len(TASKS)}")
-    return [TASKS[n] for n in names]
+            raise UsageError(f"--tasks: unknown task {name!r}; {hint}--tasks list shows all {len(available)}")
+    return [available[n] for n in names]
 
 
 def check_configs(model_args: dict, sweep: list[str] | None) -> list[dict]:
@@ -341,7 +340,7 @@ def check_data(tasks: list[Task], data_dir: str | None, hub: HubAccess) -> None:
         if task.image_join:
             tables.append((f"{task.name}_images", task.image_join[0], ()))
         for name, dataset, mirrors in tables:
-            if task.builder and name == task.name:
+            if (task.builder and name == task.name) or Path(dataset).is_dir():
                 continue
             if data_dir:
                 if local_path(data_dir, name, dataset) is None:

@@ -75,9 +75,9 @@ def rejected(args, capsys, runner_factory) -> str:
 
 BAD_ARGUMENTS = [
     # (extra argv, extra model_args, what the message must say)
-    (["--limit", "0"], "", "--limit: must be >= 1, got 0"),
-    (["--limit", "-3"], "", "--limit: must be >= 1, got -3"),
-    (["--batch_size", "0"], "", "--batch_size: must be >= 1"),
+    (["--limit", "0"], "", "--limit: must be -1 (every sample), a fraction in (0, 1) or an integer >= 1, got 0"),
+    (["--limit", "-3"], "", "--limit: must be -1 (every sample), a fraction in (0, 1) or an integer >= 1, got -3"),
+    (["--batch_size", "0"], "", "--batch_size/-b: must be an integer >= 1, auto or auto:N, got '0'"),
     (["--model", "wrongmodel"], "", "invalid choice: 'wrongmodel' (choose from 'auto', 'llava_onevision'"),
     (["--model", "internvl"], "", "--model internvl does not match the checkpoint's model_type 'qwen2_vl': use --model qwen2_vl"),
     (["--sweep", "kv"], "", "--sweep items are key=v1,v2,...; got 'kv'"),
@@ -246,7 +246,7 @@ def test_the_command_line_process_exits_2_with_one_line_and_no_traceback(env):
     done = subprocess.run([sys.executable, str(REPO / "evaluation" / "run.py"), *argv(env, "--limit", "0")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == "run.py: error: argument --limit: must be >= 1, got 0"
+    assert done.stderr.strip().splitlines()[-1] == "run.py: error: argument --limit: must be -1 (every sample), a fraction in (0, 1) or an integer >= 1, got 0"
     assert "Traceback" not in done.stderr and not done.stdout
 
 

@@ -127,13 +127,15 @@ SYNTHETIC_TASKS = ("docvqa_val", "chartqa", "textvqa_val", "ocrbench", "ai2d", "
                    "scienceqa_img", "realworldqa", "videomme", "synthvqa")
 
 
-def builder(name: str):
-    """The function a task's `builder` names ("module:function"), or None for a Hub task."""
+def builder(task):
+    """The function a task's `builder` names ("module:function"), or None for a Hub task; `task` is a Task, or the
+    name of one of ours."""
     from importlib import import_module
 
     from . import TASKS
 
-    spec = TASKS[name].builder if name in TASKS else None
+    task = TASKS.get(task) if isinstance(task, str) else task
+    spec = task.builder if task is not None else None
     if not spec:
         return None
     module, _, function = spec.partition(":")
