@@ -20,7 +20,15 @@ from vlmcompress import SUPPORTED_MODEL_TYPES
 
 from .data import local_path
 from .flags import UsageError, check_unsupported
-from .runner import BASE_KEYS, build_configs, generation_kwargs, parse_kv_list, parse_sweep, run_name, split_model_args
+from .runner import (
+    BASE_KEYS,
+    build_configs,
+    generation_kwargs,
+    parse_kv_list,
+    parse_sweep,
+    run_name,
+    split_model_args,
+)
 from .tasks import TASKS, Task
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -158,7 +166,12 @@ def check_generation(text: str, tasks: list[Task]) -> dict:
 
 def try_generation(kwargs: dict) -> None:
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, StoppingCriteria
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        StoppingCriteria,
+    )
 
     class FirstToken(StoppingCriteria):
         def __call__(self, input_ids, scores, **_):

@@ -21,6 +21,9 @@ from evaluation.runner import BatchSizer, ModelRunner, seed_everything  # noqa: 
 from evaluation.tasks import TASKS  # noqa: E402
 from evaluation.tasks.synthetic import write_local_dataset  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_checks import in_a_scratch_folder, no_model, rejected  # noqa: E402, F401 - fixtures
+
 REPO = Path(__file__).resolve().parent.parent
 N = 6
 
@@ -39,31 +42,6 @@ def env(tmp_path_factory):
 def argv(env, *extra, tasks="docvqa_val"):
     return ["--model_args", f"pretrained={env['model']}", "--tasks", tasks, "--data_dir", env["data"],
             "--gen_kwargs", "max_new_tokens=2", "--device", "cpu", "--verbosity", "ERROR", *extra]
-
-
-@pytest.fixture(autouse=True)
-def in_a_scratch_folder(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    import vlmcompress
-
-    def refuse(*args, **kwargs):
-        pytest.fail("a model was loaded before the arguments were rejected")
-
-    monkeypatch.setattr(vlmcompress, "load", refuse)
-    return refuse
-
-
-def rejected(args, capsys, runner_factory) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(args, runner_factory=runner_factory)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("usage:") and ": error: " in err[-1] and "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 class Echo:

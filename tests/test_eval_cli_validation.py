@@ -22,6 +22,9 @@ from evaluation.cache import ResponseCache  # noqa: E402
 from evaluation.runner import build_configs, parse_kv_list, parse_sweep  # noqa: E402
 from evaluation.tasks.synthetic import write_local_dataset  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_checks import in_a_scratch_folder, no_model, rejected  # noqa: E402, F401 - fixtures
+
 REPO = Path(__file__).resolve().parent.parent
 N = 3
 
@@ -45,32 +48,6 @@ def argv(env, *extra, model_args="", tasks="docvqa_val"):
             "--verbosity", "ERROR", *extra]
 
 
-@pytest.fixture(autouse=True)
-def in_a_scratch_folder(tmp_path, monkeypatch):
-    """Runs without --output_path write to ./results: keep them out of the repository."""
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """A runner factory, and vlmcompress.load, that fail the test if anything tries to load a model."""
-    import vlmcompress
-
-    def refuse(*args, **kwargs):
-        pytest.fail("a model was loaded before the arguments were rejected")
-
-    monkeypatch.setattr(vlmcompress, "load", refuse)
-    return refuse
-
-
-def rejected(args, capsys, runner_factory) -> str:
-    """The CLI's one-line error for `args`, asserting exit status 2 and nothing else on stderr but the usage."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(args, runner_factory=runner_factory)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("usage:") and ": error: " in err[-1] and "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 BAD_ARGUMENTS = [
