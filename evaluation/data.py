@@ -16,7 +16,7 @@ from PIL import Image
 
 from .flags import samples_for
 from .tasks import Task
-from .tasks.formats import mmmu_image_fields, text_sample
+from .tasks.formats import VISUALS, mmmu_image_fields, text_sample
 
 log = logging.getLogger("evaluation")
 
@@ -233,12 +233,21 @@ class TaskData:
             return [decode_image(self._join_table[index]["image"])]
         if task.image is None:
             return []
+        if task.image in VISUALS:  # an --include_path YAML's doc_to_visual, given the row with its images decoded
+            return [decode_image(v) for v in VISUALS[task.image](self.decoded(row))]
         if task.image == "image_<n>":  # MMMU: the images its prompt mentions, as lmms-eval's doc_to_visual
             return [decode_image(row.get(name)) for name in mmmu_image_fields(task, row)]
         value = row.get(task.image)
         if isinstance(value, list):
             return [decode_image(v) for v in value]
         return [decode_image(value)]
+
+    def decoded(self, row: dict) -> dict:
+        """The row as lmms-eval's functions see it: image columns as PIL images."""
+        from datasets import Image as ImageFeature
+
+        images = {k for k, f in self.rows.features.items() if isinstance(f, ImageFeature)}
+        return {k: decode_image(v) if k in images and v is not None else v for k, v in row.items()}
 
     def sample(self, doc_id: int, family: str = "default") -> dict:
         """The sample `doc_id`: prompt text, visuals, references, metadata; SampleError when unusable."""

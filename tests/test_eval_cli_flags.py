@@ -229,6 +229,19 @@ def test_show_config_prints_the_results_with_every_task_definition(env, capsys):
 # --------------------------------------------------------------------------- --include_path
 
 
+TASK_UTILS = """
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    kw = lmms_eval_specific_kwargs or {}
+    return f"{kw.get('pre_prompt', '')}{doc['question']}{kw.get('post_prompt', '')}"
+
+
+def doc_to_target(doc):
+    return doc["answers"]
+"""
 TASK_YAML = """
 task: my_synthvqa
 dataset_path: {data}
@@ -236,8 +249,8 @@ dataset_kwargs:
   load_from_disk: true
 test_split: test
 output_type: generate_until
-doc_to_visual: image
-doc_to_text: question
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
 doc_to_target: answers
 generation_kwargs:
   max_new_tokens: 8
@@ -260,19 +273,31 @@ metadata:
 
 @pytest.fixture
 def yaml_tasks(env, tmp_path):
+    """A folder with one lmms-eval task YAML (and its utils.py) over a local copy of SynthVQA's first questions."""
     folder = tmp_path / "tasks" / "mine"
     folder.mkdir(parents=True)
+    (folder / "utils.py").write_text(TASK_UTILS)
     (folder / "my_synthvqa.yaml").write_text(TASK_YAML.format(data=Path(env["data"]) / "synthvqa"))
     return folder.parent
 
 
+def edit_yaml(folder: Path, old: str, new: str) -> Path:
+    path = folder / "mine" / "my_synthvqa.yaml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return path
+
+
 def test_an_include_path_yaml_runs_like_our_own_task(env, capsys, yaml_tasks):
     ours = cli.main(argv(env, "--limit", "3", tasks="synthvqa"), runner_factory=Echo)
-    ours_prompts = [s["prompt"] for s in prompts_seen()]
+    ours_samples = prompts_seen()
     runs = cli.main(argv(env, "--limit", "3", "--include_path", str(yaml_tasks), tasks="my_synthvqa"),
                     runner_factory=Echo)
-    assert [s["prompt"] for s in prompts_seen()] == ours_prompts  # same field, same prompt kwargs
-    assert all(len(s["images"]) == 1 for s in prompts_seen())
+    # the YAML's functions, called with its prompt kwargs, give our SynthVQA prompts and images
+    assert [s["prompt"] for s in prompts_seen()] == [s["prompt"] for s in ours_samples]
+    for theirs, mine in zip(prompts_seen(), ours_samples):
+        assert [np.asarray(i).tolist() for i in theirs["images"]] == [np.asarray(i).tolist() for i in mine["images"]]
     result = runs[0]["tasks"]["my_synthvqa"]
     assert result["primary"] == {"name": "exact_match", "value": 1.0} and result["n_scored"] == 3
     assert [r["answers"] for r in runs[0]["records"]["my_synthvqa"]] == [
@@ -281,14 +306,23 @@ def test_an_include_path_yaml_runs_like_our_own_task(env, capsys, yaml_tasks):
     assert "my_synthvqa" in capsys.readouterr().out
 
 
-def test_a_template_doc_to_text_maps_to_pre_and_post_prompts(env, capsys, yaml_tasks):
-    path = next(yaml_tasks.rglob("*.yaml"))
-    text = path.read_text().split("lmms_eval_specific_kwargs")[0].replace("doc_to_text: question",
-                                                                          'doc_to_text: "Q: {{question}}\\nA:"')
-    path.write_text(text)
+def test_field_and_template_forms_read_as_lmms_eval_reads_them(env, capsys, yaml_tasks):
+    # a field: the field's text, the prompt kwargs unused (lmms-eval passes them to a !function only)
+    edit_yaml(yaml_tasks, "doc_to_text: !function utils.doc_to_text", "doc_to_text: question")
+    edit_yaml(yaml_tasks, "doc_to_visual: !function utils.doc_to_visual", "doc_to_visual: image")
+    edit_yaml(yaml_tasks, "doc_to_target: answers", "doc_to_target: !function utils.doc_to_target")
+    runs = cli.main(argv(env, "--limit", "2", "--include_path", str(yaml_tasks), tasks="my_synthvqa"),
+                    runner_factory=Echo)
+    import datasets
+
+    questions = datasets.load_from_disk(str(Path(env["data"]) / "synthvqa"))["question"]  # a Dataset, one split
+    assert [s["prompt"] for s in prompts_seen()] == questions[:2]
+    assert all(len(s["images"]) == 1 for s in prompts_seen())
+    assert runs[0]["tasks"]["my_synthvqa"]["primary"]["value"] == 1.0
+    # a template around one field: the text around it
+    edit_yaml(yaml_tasks, "doc_to_text: question", 'doc_to_text: "Q: {{question}}\\nA:"')
     cli.main(argv(env, "--limit", "1", "--include_path", str(yaml_tasks), tasks="my_synthvqa"), runner_factory=Echo)
-    prompt = prompts_seen()[0]["prompt"]
-    assert prompt.startswith("Q: ") and prompt.endswith("\nA:")
+    assert prompts_seen()[0]["prompt"] == f"Q: {questions[0]}\nA:"
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -297,29 +331,29 @@ def test_a_template_doc_to_text_maps_to_pre_and_post_prompts(env, capsys, yaml_t
     ("num_fewshot: 2\n", "num_fewshot is not supported"),
 ])
 def test_a_yaml_key_we_do_not_support_is_named(env, capsys, no_model, yaml_tasks, extra, message):
-    path = next(yaml_tasks.rglob("*.yaml"))
-    path.write_text(path.read_text() + extra)
+    path = edit_yaml(yaml_tasks, "metadata:", extra + "metadata:")
     line = rejected(argv(env, "--include_path", str(yaml_tasks), tasks="my_synthvqa"), capsys, no_model)
     assert f"--include_path {path}: {message}" in line
 
 
 @pytest.mark.parametrize("old,new,message", [
-    ("doc_to_text: question", "doc_to_text: !function utils.doc_to_text",
-     "doc_to_text: !function utils.doc_to_text is code, which our Task records do not run: name a field"),
-    ("doc_to_visual: image", "doc_to_visual: !function utils.doc_to_visual", "doc_to_visual: !function"),
+    ("!function utils.doc_to_text", "!function utils.no_such_function",
+     "doc_to_text: !function utils.no_such_function cannot be loaded from "),
+    ("!function utils.doc_to_visual", "!function helpers.doc_to_visual", "helpers.py (FileNotFoundError"),
+    ("doc_to_target: answers", "doc_to_target: '{{answers}}'", "a template maps only in doc_to_text"),
     ("ignore_punctuation: true", "ignore_punctuation: false", "metric_list exact_match"),
     ("temperature: 0", "temperature: 0.7", "generation_kwargs.temperature=0.7 is not supported"),
     ("output_type: generate_until", "output_type: loglikelihood", "output_type 'loglikelihood' is not supported"),
     ("load_from_disk: true", "streaming: true", "dataset_kwargs.streaming is not supported"),
+    ("test_split: test", "test_split: [test", "not readable YAML"),
 ])
 def test_a_yaml_value_we_cannot_map_is_named(env, capsys, no_model, yaml_tasks, old, new, message):
-    path = next(yaml_tasks.rglob("*.yaml"))
-    path.write_text(path.read_text().replace(old, new))
+    edit_yaml(yaml_tasks, old, new)
     assert message in rejected(argv(env, "--include_path", str(yaml_tasks), tasks="my_synthvqa"), capsys, no_model)
 
 
 def test_a_yaml_include_is_merged_under_the_task(env, capsys, yaml_tasks):
-    path = next(yaml_tasks.rglob("*.yaml"))
+    path = yaml_tasks / "mine" / "my_synthvqa.yaml"
     base, own = path.read_text().split("output_type: generate_until\n")
     (path.parent / "_template.yaml").write_text(own)  # no task key: read only through include
     path.write_text(base + "include: _template.yaml\n")
@@ -363,27 +397,44 @@ def test_check_integrity_runs_the_tasks_tests_before_any_model(env, capsys, monk
 # --------------------------------------------------------------------------- --wandb_args, --hf_hub_log_args
 
 
+READ_OFFLINE_RUN = """
+import json, sys
+from wandb.proto import wandb_internal_pb2
+from wandb.sdk.internal import datastore
+
+store = datastore.DataStore()
+store.open_for_scan(sys.argv[1])
+out = {"run": {}, "config": {}, "summary": {}, "history": {}, "exit": False}
+while (data := store.scan_data()) is not None:
+    record = wandb_internal_pb2.Record()
+    record.ParseFromString(data)
+    kind = record.WhichOneof("record_type")
+    out["exit"] = out["exit"] or kind == "exit"
+    if kind == "run":
+        out["run"] = {"project": record.run.project, "name": record.run.display_name}
+    elif kind in ("config", "summary", "history"):
+        for item in record.history.item if kind == "history" else getattr(record, kind).update:
+            out[kind]["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
+print(json.dumps(out))
+"""
+
+
 def offline_run_records(folder: Path) -> dict[str, dict]:
-    """The config, summary and history a W&B offline run wrote (its .wandb record file, read as `wandb sync` does)."""
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
+    """The config, summary and history a W&B offline run wrote: its .wandb record file, read as `wandb sync` reads
+    it, in a fresh interpreter, once wandb's service process has written the run's exit record."""
+    import subprocess
+    import time
 
     files = list(folder.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1
-    store = datastore.DataStore()
-    store.open_for_scan(str(files[0]))
-    out = {"run": {}, "config": {}, "summary": {}, "history": {}}
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            out["run"] = {"project": record.run.project, "name": record.run.display_name}
-        elif kind in ("config", "summary", "history"):
-            items = record.history.item if kind == "history" else getattr(record, kind).update
-            for item in items:
-                out[kind]["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
-    return out
+    for _ in range(60):
+        done = subprocess.run([sys.executable, "-c", READ_OFFLINE_RUN, str(files[0])], capture_output=True,
+                              text=True, timeout=300, check=True)
+        records = json.loads(done.stdout)
+        if records.pop("exit"):
+            return records
+        time.sleep(0.5)
+    pytest.fail(f"{files[0]} has no exit record: the W&B run was not finished")
 
 
 def test_wandb_args_log_the_results_offline(env, capsys, tmp_path, monkeypatch):

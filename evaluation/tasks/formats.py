@@ -171,6 +171,8 @@ def target_yes_no(task, row):
 
 
 TARGETS = {"field": target_field, "list": target_list, "index_letter": target_index_letter, "yes_no": target_yes_no}
+# doc_to_visual functions of --include_path YAMLs, by the key a Task's `image` names: function(row) -> images
+VISUALS: dict = {}
 
 
 def text_sample(task, row, family: str, doc_id: int = 0) -> dict:
