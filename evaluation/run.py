@@ -101,7 +101,7 @@ def count_tasks(available: dict, data_dir: str | None) -> tuple[str, list[str]]:
     import huggingface_hub
 
     from evaluation.data import load_rows, local_path
-    from evaluation.validation import dataset_cached
+    from evaluation.validation import dataset_cached, one_line
 
     lines, missing = [f"{'task':<15} {'samples':>8}  source"], []
     for t in available.values():
@@ -115,9 +115,14 @@ def count_tasks(available: dict, data_dir: str | None) -> tuple[str, list[str]]:
             missing.append(t.name)
             lines.append(f"{t.name:<15} {'-':>8}  no local or cached copy")
             continue
-        with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True), \
-                mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):  # the cache, never the Hub
-            n = len(load_rows(t, data_dir))
+        try:
+            with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True), \
+                    mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True):  # the cache, never the Hub
+                n = len(load_rows(t, data_dir))
+        except Exception as exc:  # noqa: BLE001 - an incomplete cache or a bad copy: that task is not counted
+            missing.append(t.name)
+            lines.append(f"{t.name:<15} {'-':>8}  {source} cannot be read: {type(exc).__name__}: {one_line(exc)[:200]}")
+            continue
         lines.append(f"{t.name:<15} {n:>8}  {source}")
     return "\n".join(lines), missing
 
@@ -168,8 +173,8 @@ def main(argv: list[str] | None = None, runner_factory=None) -> list[dict] | Non
         print(table)
         if missing:
             sys.exit(f"error: --tasks list_with_num counts local or cached data only, and {', '.join(missing)} "
-                     f"{'has' if len(missing) == 1 else 'have'} none: pass --data_dir DIR with DIR/<task> copies, or "
-                     "download them while online")
+                     f"{'has' if len(missing) == 1 else 'have'} no readable copy: pass --data_dir DIR with DIR/<task> "
+                     "copies, or download them while online")
         return None
     quiet_libraries(level)
 

@@ -374,7 +374,20 @@ def test_list_with_num_counts_local_data_and_names_what_is_missing(env, capsys, 
     assert re.search(r"^chartqa +-  no local or cached copy", out, re.M)
     message = str(exit_info.value.code)
     assert message.startswith("error: --tasks list_with_num counts local or cached data only, and chartqa, ")
-    assert "pass --data_dir DIR with DIR/<task> copies" in message and "docvqa_val" not in message
+    assert "no readable copy: pass --data_dir DIR with DIR/<task> copies" in message and "docvqa_val" not in message
+
+
+def test_list_with_num_never_downloads_and_names_an_unreadable_cache(env, capsys, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    hub_cache = tmp_path / "hub"  # a Hub cache entry for ChartQA with nothing usable in it
+    (hub_cache / "datasets--lmms-lab-encoder--ChartQA").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--tasks", "list_with_num", "--data_dir", env["data"]])
+    assert re.search(r"^chartqa +-  Hub cache cannot be read: ", capsys.readouterr().out, re.M)
+    assert "chartqa" in str(exit_info.value.code)
 
 
 # --------------------------------------------------------------------------- --check_integrity
