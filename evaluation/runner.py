@@ -24,13 +24,7 @@ from . import efficiency
 from .cache import ResponseCache, cache_key
 from .data import SampleError, TaskData
 from .metrics import agreement
-from .sample_requests import (
-    BatchSizer,
-    out_of_memory,
-    prompt_identity,
-    with_system_instruction,
-    write_out,
-)
+from .sample_requests import BatchSizer, out_of_memory, prompt_identity, with_system_instruction, write_out
 from .summary import config_metrics, mean_of_defined
 from .tasks import Task
 from .tasks.scoring import AGGREGATIONS, loyalty_references, score_sample
@@ -198,9 +192,8 @@ class ModelRunner:
     """A loaded (compressed) model with its processor; `generate(samples)` -> [(text, stats)]."""
 
     def __init__(self, base: dict, compression: dict, device: str | None = None):
-        from transformers import AutoConfig, AutoProcessor
-
         import vlmcompress
+        from transformers import AutoConfig, AutoProcessor
 
         pretrained = base["pretrained"]
         kwargs = {k: v for k, v in base.items() if k != "pretrained"}
@@ -222,7 +215,8 @@ class ModelRunner:
             if sample.get("video") is not None:
                 content.append({"type": "video"})
             content.append({"type": "text", "text": sample["prompt"]})
-        system = [{"role": "system", "content": [{"type": "text", "text": sample["system"]}]}] if sample.get("system") else []
+        system = [{"role": "system", "content": [{"type": "text", "text": sample["system"]}]}] if sample.get("system") \
+            else []
         return self.processor.apply_chat_template([*system, {"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -20,16 +21,10 @@ from vlmcompress import SUPPORTED_MODEL_TYPES
 
 from .data import local_path
 from .flags import UsageError, check_unsupported
-from .runner import (
-    BASE_KEYS,
-    build_configs,
-    generation_kwargs,
-    parse_kv_list,
-    parse_sweep,
-    run_name,
-    split_model_args,
-)
+from .runner import BASE_KEYS, build_configs, generation_kwargs, parse_kv_list, parse_sweep, run_name, split_model_args
 from .tasks import TASKS, Task
+
+log = logging.getLogger("evaluation")
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 CACHE_FILE = "responses.sqlite"  # the file ResponseCache keeps in its folder
@@ -81,15 +76,20 @@ def check_arguments(args: argparse.Namespace, configs: list[dict] | None = None)
 
 
 def available_tasks(include_path: str | None) -> dict[str, Task]:
-    """Our tasks, and those of --include_path's lmms-eval YAMLs (which take precedence, as in lmms-eval)."""
+    """Our tasks, and those of --include_path's lmms-eval YAMLs; on a shared name ours are kept, as lmms-eval keeps
+    its own tasks over --include_path ones."""
     from .tasks.yaml_tasks import TaskYamlError, load_include_path
 
     if not include_path:
         return TASKS
     try:
-        return {**TASKS, **load_include_path(include_path)}
+        added = load_include_path(include_path)
     except TaskYamlError as exc:
         raise UsageError(f"--include_path {one_line(exc)}") from None
+    for name in sorted(set(added) & set(TASKS)):
+        log.warning("--include_path %s: task %s is already defined here, so its YAML is not used (lmms-eval also keeps "
+                    "its own task): rename the YAML's task", include_path, name)
+    return {**added, **TASKS}
 
 
 def check_tasks(spec: str, available: dict[str, Task] = TASKS) -> list[Task]:
@@ -166,12 +166,7 @@ def check_generation(text: str, tasks: list[Task]) -> dict:
 
 def try_generation(kwargs: dict) -> None:
     import torch
-    from transformers import (
-        GenerationConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-        StoppingCriteria,
-    )
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, StoppingCriteria
 
     class FirstToken(StoppingCriteria):
         def __call__(self, input_ids, scores, **_):

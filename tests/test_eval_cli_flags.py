@@ -352,6 +352,15 @@ def test_a_yaml_value_we_cannot_map_is_named(env, capsys, no_model, yaml_tasks, 
     assert message in rejected(argv(env, "--include_path", str(yaml_tasks), tasks="my_synthvqa"), capsys, no_model)
 
 
+def test_a_yaml_task_named_as_one_of_ours_is_not_used(env, capsys, yaml_tasks, caplog):
+    edit_yaml(yaml_tasks, "task: my_synthvqa", "task: synthvqa")
+    edit_yaml(yaml_tasks, "doc_to_text: !function utils.doc_to_text", "doc_to_text: question")
+    cli.main(argv(env, "--limit", "1", "--include_path", str(yaml_tasks), "--verbosity", "WARNING", tasks="synthvqa"),
+             runner_factory=Echo)
+    assert prompts_seen()[0]["prompt"].endswith("Answer the question using a single word or phrase.")  # ours
+    assert "task synthvqa is already defined here, so its YAML is not used" in caplog.text
+
+
 def test_a_yaml_include_is_merged_under_the_task(env, capsys, yaml_tasks):
     path = yaml_tasks / "mine" / "my_synthvqa.yaml"
     base, own = path.read_text().split("output_type: generate_until\n")
