@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 DEFAULT_SEED = "0,1234,1234,1234"  # lmms-eval's: python random, numpy, torch, few-shot sampling
 DEFAULT_MAX_BATCH_SIZE = 64        # the largest size --batch_size auto tries when --max_batch_size is not given
@@ -111,9 +113,6 @@ INTEGRITY_TESTS = ("tests/test_eval_tasks.py", "tests/test_lmms_parity.py", "tes
 def run_integrity_tests(task_names: list[str]) -> None:
     """--check_integrity, as lmms-eval's run_task_tests: the repository's tests of these tasks (data loading, prompts
     and scores against lmms-eval 0.7.3), selected by task name; SystemExit(1) when they fail."""
-    import sys
-    from pathlib import Path
-
     import pytest
 
     root = Path(__file__).resolve().parent.parent
