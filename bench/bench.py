@@ -37,7 +37,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import transformers  # noqa: E402
 
 import vlmcompress  # noqa: E402
-from vlmcompress import split_kv  # noqa: E402
+from vlmcompress.decoding import split_kv  # noqa: E402
 from vlmcompress.compilation import compile_by_default  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 from vlmcompress.loading import default_attn_implementation  # noqa: E402

@@ -5,7 +5,7 @@
 One query token per sample; its grouped-query heads viewed as `groups` rows per KV head (as
 `vlmcompress_sdpa` does), an additive mask `[b, kv_heads, 1, slots]` (static decoding masks its unfilled
 room), bf16. For each backend torch can run under that mask, for the plain matmul-softmax-matmul form,
-and for vlmcompress's split-KV kernels (`vlmcompress/split_kv.py`, what `vlmcompress_sdpa` runs on CUDA), it
+and for vlmcompress's split-KV kernels (`vlmcompress/decoding/split_kv.py`, what `vlmcompress_sdpa` runs on CUDA), it
 reports microseconds per layer call and the bandwidth of reading K and V once, from CUDA
 events over many calls (median of 5 rounds).
 """
@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import announce_cuda_run
-from vlmcompress import split_kv
+from vlmcompress.decoding import split_kv
 
 # (name, batch, kv_heads, groups, slots): Qwen2-7B at batch 8 and InternLM2.5-7B at batch 32, with a
 # prompt of 2408 / 2664 tokens, uncompressed or at a 10 % budget, plus 128 / 64 slots of room.

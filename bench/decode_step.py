@@ -6,7 +6,7 @@ For each method, stop-check mode (`--stop-check`: `sync`, transformers' default 
 the host every step; `deferred`, vlmcompress's reading of it one step late) and `--compile` mode (`on`: the step's
 norms, rotary embedding and MLP gates compiled by inductor, `vlmcompress.compilation`; `off`: all eager) and
 `--fuse` mode (`on`: q/k/v and gate/up as one matrix product each, `step_kernels.FusedProducts`; `off`: one
-product per Linear) and `--split-kv` mode (`on`: the decoding attention through `vlmcompress/split_kv.py`;
+product per Linear) and `--split-kv` mode (`on`: the decoding attention through `vlmcompress/decoding/split_kv.py`;
 `off`: SDPA), it runs `generate` and reports
 per decoding step, medians in milliseconds:
   step_ms         wall time of a decoding step of `generate` (all tokens but the first)
@@ -36,9 +36,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 
 from bench import announce_cuda_run, build_model, decode_floor, hbm_bandwidth, parse_method, timed  # noqa: E402
 from real_models import make_inputs  # noqa: E402
-from vlmcompress import compilation, split_kv  # noqa: E402
-from vlmcompress.cache import static_decoding, step_kernels  # noqa: E402
-from vlmcompress.cache.static_decoding import StaticDecoding  # noqa: E402
+from vlmcompress import compilation
+from vlmcompress.decoding import split_kv  # noqa: E402
+from vlmcompress.decoding import static as static_decoding, step_kernels  # noqa: E402
+from vlmcompress.decoding.static import StaticDecoding  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 
 

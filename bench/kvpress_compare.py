@@ -59,10 +59,10 @@ def main():
     import kvpress
     from real_models import QWEN2_7B
     from vlmcompress.cache import PyramidKVCache, SnapKVCache, StreamingLLMCache
-    from vlmcompress.cache.base import language_model_of
+    from vlmcompress.glue import language_model_of
     from vlmcompress.cache.full import FullCache
-    from vlmcompress.cache.static_decoding import StaticDecoding, deferred_stop_check
-    from vlmcompress.grouped_sdpa import GROUPED_SDPA
+    from vlmcompress.decoding.static import StaticDecoding, deferred_stop_check
+    from vlmcompress.decoding.grouped_sdpa import GROUPED_SDPA
 
     config = AutoConfig.for_model("qwen2", **QWEN2_7B, vocab_size=152064, rope_theta=1e6)
     config.eos_token_id = None

@@ -2,7 +2,7 @@
 
     python bench/scoring.py --batch 8 --keys 7473 --post 75 --chunks 26,24,23,22 --compile off,on
 
-The scoring pass (`vlmcompress.cache.attention.attention_chunks`) makes the attention of a few queries over
+The scoring pass (`vlmcompress.scoring.attention_chunks`) makes the attention of a few queries over
 every key in chunks of at most 2**k scores; smaller chunks keep a chunk's scores in the L2 cache for the
 reductions that follow the softmax (column sums, VL-Cache's row maxima and dense-entry counts), at the
 cost of more kernel launches. `--compile on` reduces each chunk's scores with one compiled function
@@ -26,7 +26,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 
 from bench import announce_cuda_run  # noqa: E402
 from sparse24 import cuda_time  # noqa: E402
-from vlmcompress.cache.attention import accumulated_attention, attention_chunks  # noqa: E402
+from vlmcompress.scoring import accumulated_attention, attention_chunks  # noqa: E402
 from vlmcompress.cache.vlcache import post_vision_statistics  # noqa: E402
 from vlmcompress.compilation import compiled_where_it_works  # noqa: E402
 

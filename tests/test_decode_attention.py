@@ -1,4 +1,4 @@
-"""`vlmcompress_sdpa` (vlmcompress.grouped_sdpa) is transformers' SDPA without the `repeat_kv` copy of the keys
+"""`vlmcompress_sdpa` (vlmcompress.decoding.grouped_sdpa) is transformers' SDPA without the `repeat_kv` copy of the keys
 and values for masked grouped-query attention, and the decode masks a compressed cache builds for it (per KV
 head) and for transformers' SDPA (per query head) give the same attention."""
 
@@ -14,8 +14,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from vlmcompress.cache import SnapKVCache
-from vlmcompress.cache.base import CompressedLayer
-from vlmcompress.grouped_sdpa import GROUPED_SDPA, grouped_sdpa_attention_forward
+from vlmcompress.cache.layer import CompressedLayer
+from vlmcompress.decoding.grouped_sdpa import GROUPED_SDPA, grouped_sdpa_attention_forward
 
 BATCH, HEADS, KV_HEADS, DIM, HELD = 3, 8, 2, 16, 20
 GROUPS = HEADS // KV_HEADS
@@ -115,7 +115,7 @@ def test_decode_masks_of_both_implementations_give_the_same_attention(q_len):
 def test_padded_layer_decodes_from_views_of_one_buffer():
     """Decoding is launch-bound, so a padded layer's validity and its vlmcompress_sdpa mask are views of
     buffers with room ahead: one allocation for many steps, each step's mask the literal one."""
-    from vlmcompress.cache.base import ROOM
+    from vlmcompress.cache.layer import ROOM
 
     cache, layer = SnapKVCache(budget=0.5), CompressedLayer()
     valid = ragged_slots(2)

@@ -10,8 +10,8 @@ from conftest import image_inputs
 from transformers.generation import utils as generation_utils
 
 import vlmcompress
-from vlmcompress.cache import static_decoding
-from vlmcompress.cache.static_decoding import StaticDecoding
+from vlmcompress.decoding import static as static_decoding
+from vlmcompress.decoding.static import StaticDecoding
 
 QUESTIONS = ("What is in the picture? Describe it in detail.", "Colour?")
 MAX_NEW_TOKENS = 8

@@ -288,7 +288,7 @@ def test_default_run_falls_back_to_the_tiny_model_and_says_so(tmp_path, monkeypa
 def test_cuda_graphs_is_a_decoding_path_for_every_config(env, tmp_path, monkeypatch):
     """`cuda_graphs=true` in --model_args decodes every config statically, the baseline included, under the
     same run names, and predicts what eager decoding predicts."""
-    from vlmcompress.cache.static_decoding import StaticDecoding
+    from vlmcompress.decoding.static import StaticDecoding
 
     static_caches = []  # the cache class of every statically decoded generate
     original = StaticDecoding.install

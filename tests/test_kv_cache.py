@@ -13,7 +13,7 @@ from conftest import BATCHES, batch_inputs, generate_with_raw_logits, image_inpu
 
 import vlmcompress
 from vlmcompress.cache import KV_METHODS, CompressedCache, H2OCache, SnapKVCache
-from vlmcompress.cache.base import passed_cache
+from vlmcompress.glue import passed_cache
 from vlmcompress.testing import ARCHITECTURES
 
 METHODS = sorted(KV_METHODS)

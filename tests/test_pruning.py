@@ -13,7 +13,7 @@ from conftest import BATCHES, batch_inputs, generate_with_raw_logits, upstream_m
 from PIL import Image
 
 import vlmcompress
-from vlmcompress.cache.base import passed_cache, visual_token_ids
+from vlmcompress.glue import passed_cache, visual_token_ids
 from vlmcompress.pruning import (
     PRUNE_METHODS, allocate, fastv_keep, iqr_outlier_count, keep_count, prefill_flops, prumerge_plus_select,
     prumerge_select, validate_prune_args, visionzip_select,

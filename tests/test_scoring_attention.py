@@ -13,7 +13,7 @@ from conftest import image_inputs
 
 import vlmcompress
 from vlmcompress import compilation
-from vlmcompress.cache.attention import attention_chunks
+from vlmcompress.scoring import attention_chunks
 
 BATCH, KV_HEADS, GROUPS, DIM, Q_LEN = 2, 2, 3, 8, 5
 SCALING = DIM ** -0.5
@@ -95,7 +95,7 @@ def test_compiled_prompt_scoring_keeps_the_same_tokens(tiny_dirs, processors, mo
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor compiles by default on CUDA")
 def test_on_cuda_the_compiled_statistics_equal_eager_ones():
-    from vlmcompress.cache.attention import received_from_logits
+    from vlmcompress.scoring import received_from_logits
     from vlmcompress.cache.vlcache import post_vision_statistics
 
     generator = torch.Generator(device="cuda").manual_seed(0)

@@ -1,4 +1,4 @@
-"""Split-KV decoding attention (`vlmcompress/split_kv.py`): the softmax of the scores over every held slot,
+"""Split-KV decoding attention (`vlmcompress/decoding/split_kv.py`): the softmax of the scores over every held slot,
 whatever the chunks, checked against the literal formula in float64 (on the CPU through triton's interpreter,
 which computes fp16 products; its bf16 products are wrong, so bf16 is checked on CUDA), and taken by
 `vlmcompress_sdpa` only for masked bf16/fp16 decoding on CUDA. On a GPU: against SDPA at the real models'
@@ -17,8 +17,8 @@ from conftest import image_inputs
 from test_static_decoding import QUESTIONS, greedy
 
 import vlmcompress
-from vlmcompress import split_kv
-from vlmcompress.grouped_sdpa import grouped_sdpa_attention_forward
+from vlmcompress.decoding import split_kv
+from vlmcompress.decoding.grouped_sdpa import grouped_sdpa_attention_forward
 
 triton = pytest.importorskip("triton")
 

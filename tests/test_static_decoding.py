@@ -13,9 +13,10 @@ import torch
 from conftest import image_inputs
 
 import vlmcompress
-from vlmcompress.cache import SnapKVCache, streamingllm
-from vlmcompress.cache.base import language_model_of
-from vlmcompress.cache.static_decoding import StaticDecoding
+from vlmcompress.cache import SnapKVCache
+from vlmcompress.glue import language_model_of
+from vlmcompress.decoding import static_layer as static_layers
+from vlmcompress.decoding.static import StaticDecoding
 from vlmcompress.models import pruning_points
 from vlmcompress.testing import ARCHITECTURES
 
@@ -152,23 +153,24 @@ def test_decode_time_eviction_of_one_prompt_equals_eager_decoding_in_place(tiny_
 
 @pytest.mark.parametrize("budget", [3, 16])  # 3 tokens: fewer than the 4 attention sinks, so new tokens become sinks
 def test_streamingllm_sinks_in_static_buffers(tiny_dirs, processors, monkeypatch, budget):
-    """Static StreamingLLM fixes each layer's sink slots at its first step (`_static_sinks`); a layer holding
-    no more tokens than sinks finds them every step instead. Both keep eager decoding's tokens and windows."""
+    """Static StreamingLLM fixes each layer's sink slots at its first step (`StaticLayer.earliest_valid`); a
+    layer holding no more tokens than sinks finds them by position every step instead. Both keep eager
+    decoding's tokens and windows."""
     searches = []  # static steps that looked for the sinks by position
-    original = streamingllm._recency_scores
+    original = static_layers.lowest_positions
 
-    def counted(positions, valid, sink_tokens, sinks_first=True):
-        searches.append(sinks_first)
-        return original(positions, valid, sink_tokens, sinks_first)
+    def counted(positions, valid, count):
+        searches.append(count)
+        return original(positions, valid, count)
 
-    monkeypatch.setattr(streamingllm, "_recency_scores", counted)
+    monkeypatch.setattr(static_layers, "lowest_positions", counted)
     inputs = image_inputs(processors["qwen2_vl"], QUESTIONS)
     eager_model, static_model = (load(tiny_dirs["qwen2_vl"], "streamingllm", budget, cuda_graphs=graphs)
                                  for graphs in (False, True))
     eager_cache, static_cache = eager_model.make_cache(), static_model.make_cache()
     assert_same_decoding(greedy(static_model, inputs, past_key_values=static_cache),
                          greedy(eager_model, inputs, past_key_values=eager_cache))
-    searched = searches.count(False)  # every layer and static step, or none
+    searched = len(searches)  # every layer and static step, or none
     assert searched == (len(static_cache.layers) * (NEW_TOKENS - 1) if budget <= 4 else 0)
     for static_layer, eager_layer in zip(static_cache.layers, eager_cache.layers):
         assert live_positions(static_layer) == live_positions(eager_layer)
@@ -293,5 +295,5 @@ def test_a_cache_decoded_statically_serves_a_next_turn(tiny_dirs, processors, me
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(ids[:, inputs["attention_mask"].shape[1]:])], 1)
         turns[graphs] = greedy(model, {"input_ids": ids, "attention_mask": mask}, past_key_values=cache)
         if graphs:
-            assert all(layer.write_offset is None for layer in cache.layers)
+            assert not any(isinstance(layer, static_layers.StaticLayer) for layer in cache.layers)
     assert_same_decoding(turns[True], turns[False])

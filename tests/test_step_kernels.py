@@ -13,10 +13,11 @@ from test_static_decoding import QUESTIONS, assert_same_decoding, greedy, load
 
 import vlmcompress
 from vlmcompress import compilation
-from vlmcompress.cache import static_decoding, step_kernels
-from vlmcompress.cache.attention import rotary_function_name
-from vlmcompress.cache.base import language_model_of
-from vlmcompress.cache.step_kernels import FusedProducts, StepKernels, fuse_linears, gated_mlp, rms_norm, silu_gate
+from vlmcompress.decoding import static as static_decoding
+from vlmcompress.decoding import step_kernels
+from vlmcompress.decoding.step_kernels import FusedProducts, StepKernels, fuse_linears, gated_mlp, rms_norm, silu_gate
+from vlmcompress.glue import language_model_of
+from vlmcompress.glue import rotary_function_name
 from vlmcompress.testing import ARCHITECTURES
 
 

@@ -1,8 +1,8 @@
 """torch.compile for vlmcompress's own small kernels, where inductor makes GPU kernels.
 
 Used for pointwise and reduction work that eager PyTorch runs as many kernels over the same memory: a static
-decoding step's norms, rotary embedding and MLP gates (`cache.step_kernels`), and the softmax statistics
-that score a prompt's keys (`cache.attention`). Only on CUDA with triton installed (`compile_by_default`),
+decoding step's norms, rotary embedding and MLP gates (`decoding.step_kernels`), and the softmax statistics
+that score a prompt's keys (`vlmcompress.scoring`). Only on CUDA with triton installed (`compile_by_default`),
 and only once a probe has compiled and agreed with eager (`compiler_works`); otherwise, with one warning,
 the same functions run uncompiled. `COMPILE = False` turns it off (bench/decode_step.py --compile).
 """

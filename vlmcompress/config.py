@@ -52,7 +52,7 @@ class CompressionSettings:
     kv: KVSettings | None = None
     prune: PruneSettings | None = None
     sparsity: SparsitySettings | None = None
-    cuda_graphs: bool = False  # static decoding (vlmcompress.cache.static_decoding)
+    cuda_graphs: bool = False  # static decoding (vlmcompress.decoding)
 
     def describe(self) -> dict:
         """A JSON-ready summary (method, budget, options per family)."""

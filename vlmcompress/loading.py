@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig
 
 from .config import build_settings
-from .grouped_sdpa import GROUPED_SDPA
+from .decoding.grouped_sdpa import GROUPED_SDPA
 
 SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl")
 
@@ -50,8 +50,8 @@ def load(
             of weights zeroed, "unstructured" or "N:M", and the calibration samples (None: the default set).
         dtype, device_map, attn_implementation: passed to `from_pretrained` (an explicit value is used as
             given); attention defaults to flash-attention-2 where installed (with a GPU) and SDPA otherwise,
-            the language model's `vlmcompress_sdpa` (`vlmcompress.grouped_sdpa`).
-        cuda_graphs: static decoding (`vlmcompress.cache.static_decoding`): once the prompt is compressed,
+            the language model's `vlmcompress_sdpa` (`vlmcompress.decoding.grouped_sdpa`).
+        cuda_graphs: static decoding (`vlmcompress.decoding`): once the prompt is compressed,
             each decoding step replays one CUDA graph instead of launching ~1300 kernels from Python.
             Takes every kv= method (h2o and streamingllm evict within fixed buffers) or kv=None (then the
             cache keeps every token), and SDPA or eager attention. On the CPU the same static steps run

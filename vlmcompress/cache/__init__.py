@@ -1,6 +1,8 @@
 """KV-cache eviction: one `transformers.Cache` subclass per method, registered by name."""
 
-from .base import CompressedCache, CompressedLayer, PromptContext, validate_budget
+from .base import CompressedCache, validate_budget
+from .context import PromptContext
+from .layer import CompressedLayer
 from .h2o import H2OCache
 from .pyramidkv import PyramidKVCache
 from .snapkv import SnapKVCache

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import CompressedCache, PromptContext
+from .base import CompressedCache
+from .context import PromptContext
 
 
 class FullCache(CompressedCache):

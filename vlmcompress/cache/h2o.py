@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import PROTECTED, CompressedCache, DecodeContext, PromptContext
+from .base import PROTECTED, CompressedCache
+from .context import DecodeContext, PromptContext
 
 
 def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int | torch.Tensor,
@@ -45,6 +46,6 @@ class H2OCache(CompressedCache):
 
     def decode_scores(self, ctx: DecodeContext) -> torch.Tensor:
         layer = ctx.layer
-        layer.scores += ctx.accumulated_attention()  # in place: static decoding replays steps on this buffer
+        layer.scores += ctx.accumulated_attention()  # in place: the layer owns this buffer
         recent = self.recent_tokens(layer.capacity)
         return _protect_recent(layer.scores, layer.positions, layer.newest_position(), recent)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import PromptContext, integer_allocation
+from .allocation import integer_allocation
+from .context import PromptContext
 from .snapkv import SnapKVCache
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import PROTECTED, CompressedCache, PromptContext
+from .base import PROTECTED, CompressedCache
+from .context import PromptContext
 
 
 class SnapKVCache(CompressedCache):

@@ -16,7 +16,9 @@ import functools
 import torch
 
 from ..compilation import compiled_where_it_works
-from .base import CompressedCache, PromptContext, integer_allocation
+from .allocation import integer_allocation
+from .base import CompressedCache
+from .context import PromptContext
 
 
 class VLCacheCache(CompressedCache):

@@ -9,11 +9,10 @@ import torch
 from transformers import DynamicCache
 
 from ..cache import CompressedCache
-from ..cache.attention import reject_right_padding
-from ..cache.base import cache_argument, language_model_of, passed_cache, visual_token_ids
 from ..cache.full import FullCache
-from ..cache.static_decoding import ROOM, StaticDecoding, deferred_stop_check
 from ..config import CompressionSettings
+from ..decoding.static import ROOM, StaticDecoding, deferred_stop_check
+from ..glue import cache_argument, language_model_of, passed_cache, reject_right_padding, visual_token_ids
 
 
 def layer_sizes(cache):

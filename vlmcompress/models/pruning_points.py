@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache.attention import bind_attention_arguments
-from ..cache.base import CACHE_ARGUMENTS, additive_mask, language_model_of, passed_cache, visual_token_ids
-from ..grouped_sdpa import GROUPED_SDPA
+from ..decoding.grouped_sdpa import GROUPED_SDPA
+from ..glue import CACHE_ARGUMENTS, additive_mask, bind_attention_arguments, language_model_of, passed_cache, \
+    visual_token_ids
 from ..pruning import allocate, fastv_keep, get_method, keep_count
 from ..pruning.scores import last_token_attention, vision_scores
 

@@ -7,16 +7,9 @@ prompt or a large image never materialises a whole attention matrix at once.
 
 from __future__ import annotations
 
-
 import torch
 
-from ..cache.attention import (
-    attention_chunks,
-    key_validity_from_mask,
-    recompute_keys,
-    recompute_queries,
-    slice_positions,
-)
+from ..scoring import attention_chunks, key_validity_from_mask, recompute_keys, recompute_queries, slice_positions
 
 
 def vision_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float, mode: str,

@@ -4,13 +4,13 @@ Eager `generate` is launch-bound while decoding: a 28-layer model makes about 13
 step, some 15 µs of CPU each, so a step costs 20-35 ms whatever the cache holds, and a cache 10x smaller
 cannot show (docs/benchmarks.md). Nothing in a step needs the host once the prompt is compressed:
 
-- every layer gets preallocated room for the coming tokens (`CompressedCache.make_static`); step t writes
-  its key and value at slot `static_base + t`, with t held in a device scalar, and marks the slot valid;
+- every cache layer becomes a `StaticLayer` with preallocated room for the coming tokens; step t writes its
+  key and value at slot `static_base + t`, with t held in a device scalar, and marks the slot valid;
 - a layer of a method that evicts while decoding (H2O, StreamingLLM) holds its capacity and one slot more,
   as eager decoding at the budget does: step t writes into the slot in a device buffer (`free_slot`), and
-  after the attention its eviction picks the next one with tensor operations (`CompressedLayer.retire_static`):
+  after the attention its eviction picks the next one with tensor operations (`StaticLayer.retire`):
   the lowest-scored live slot of a row over its capacity, else an empty one;
-- the attention masks the layer's padding and unfilled room (`CompressedLayer.static_decode_mask`);
+- the attention masks the layer's padding and unfilled room (`StaticLayer.decode_mask`);
 - the language model's per-step inputs (embeddings, positions) are copied into fixed buffers.
 
 So a step is the same kernels on the same buffers every time. On CUDA the first step runs eagerly and
@@ -32,7 +32,8 @@ import torch
 import transformers.generation.utils as generation_utils
 
 from ..compilation import compile_by_default
-from .base import CompressedCache, passed_cache
+from ..glue import passed_cache
+from .static_layer import StaticLayer
 from .step_kernels import StepKernels
 
 ROOM = 256  # decoding steps one static allocation serves when generate's max_new_tokens is unknown
@@ -41,13 +42,14 @@ DEFERRED_DEVICES = ("cuda",)  # where transformers' DeferredStopCheck works: it 
 
 
 class StaticDecoding:
-    """Runs `language_model`'s decoding calls with `cache` statically (see the module docstring).
+    """Runs `language_model`'s decoding calls with `cache` (a `CompressedCache`) statically (see the module
+    docstring).
 
     Installed as the instance's `forward` for one `generate` (`install` / `close`); every other call
     (the prompt, a different cache, several new tokens at once) goes to the upstream forward unchanged.
     """
 
-    def __init__(self, cache: CompressedCache, language_model: torch.nn.Module, room: int = ROOM,
+    def __init__(self, cache, language_model: torch.nn.Module, room: int = ROOM,
                  use_graphs: bool | None = None, compile_kernels: bool | None = None):
         if room < 1:
             raise ValueError(f"room must be >= 1 decoding step, got {room}")
@@ -60,6 +62,7 @@ class StaticDecoding:
             compile_kernels = self.use_graphs and compile_by_default(device)
         self.step_kernels = StepKernels(language_model, compile=compile_kernels)
         self.write_offset: torch.Tensor | None = None  # device scalar: the step within the current room
+        self.static_bases: torch.Tensor | None = None  # [layers] each layer's static_base, on the device
         self.steps_written = 0
         self.inputs: dict[str, torch.Tensor] = {}  # the step's tensor inputs, fixed buffers under a graph
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -77,7 +80,9 @@ class StaticDecoding:
         self.graph = self.graph_output = None
         self.inputs = {}
         if self.write_offset is not None:  # the cache may serve a next turn: give it back its dynamic form
-            self.cache.end_static(self.steps_written)
+            layers = self.cache.layers
+            for index, layer in enumerate(layers):
+                layers[index] = layer.to_dynamic(layer.static_base + self.steps_written)
 
     def undo_steps(self, steps: int) -> None:
         """Forget the last `steps` decoding steps: their slots are masked again and the positions go back.
@@ -87,7 +92,7 @@ class StaticDecoding:
                                       f"since its room was last made, not {steps}")
         self.steps_written -= steps
         for layer in self.cache.layers:
-            layer.undo_static_steps(self.steps_written, steps)
+            layer.undo_steps(self.steps_written, steps)
 
     def __call__(self, *args, **kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -120,10 +125,19 @@ class StaticDecoding:
         return output
 
     def _make_room(self) -> None:
-        device = self.cache.layers[0].keys.device
+        """Give every layer `room` preallocated slots: the first time by making it a `StaticLayer`, later keeping
+        the `steps_written` tokens written since its room was last made. The unfilled room is masked at every
+        step, so the cache's mask hooks come back."""
+        layers = self.cache.layers
         if self.write_offset is None:
-            self.write_offset = torch.zeros(1, dtype=torch.long, device=device)
-        self.cache.make_static(self.room, self.write_offset, self.steps_written)
+            self.write_offset = torch.zeros(1, dtype=torch.long, device=layers[0].keys.device)
+            for index, layer in enumerate(layers):
+                layers[index] = StaticLayer.from_layer(layer, self.write_offset, self.room)
+        else:
+            for layer in layers:
+                layer.make_room(layer.static_base + self.steps_written, self.room)
+        self.static_bases = torch.tensor([layer.static_base for layer in layers], device=self.write_offset.device)
+        self.cache.keep_mask_hooks()
         self.steps_written = 0
         self.graph = self.graph_output = None  # its buffers are gone: capture the next step again
 
@@ -145,7 +159,11 @@ class StaticDecoding:
         return tensors, constants
 
     def _step(self, constants: dict):
-        self.cache.start_static_step()  # the new token attends to itself
+        # Before the attention, each layer's slot for this step becomes valid (the new token attends to itself);
+        # the slots (`static_base + write_offset`) are added up for all layers in one kernel.
+        slots = self.static_bases + self.write_offset
+        for index, layer in enumerate(self.cache.layers):
+            layer.start_step(slots[index: index + 1])
         with self.step_kernels:
             return self.upstream_forward(**constants, **self.inputs)
 
@@ -176,7 +194,7 @@ def _deferred_stop_check_class(upstream: type) -> type:
     class DeferredForStaticDecoding(upstream):
         @staticmethod
         def is_supported(device, cache, cache_is_returned, is_assistant):
-            static = isinstance(cache, CompressedCache) and cache.static_decoding is not None
+            static = getattr(cache, "static_decoding", None) is not None
             if not static or is_assistant or device.type not in DEFERRED_DEVICES:
                 return upstream.is_supported(device, cache, cache_is_returned, is_assistant)
             return cache.is_croppable or not cache_is_returned

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import compilation
-from .attention import rotary_function_name
+from ..glue import rotary_function_name
 
 FUSE_PRODUCTS = True  # run the Linears that share an input as one product (`FusedProducts`)
 

@@ -13,7 +13,7 @@ with all of its group's queries: the same attention, no copy of K or V. This is 
 `CompressedCache.decode_attention_mask` builds for this implementation; everything else goes to
 transformers' own `sdpa_attention_forward` unchanged. A decoding step on the GPU under an additive mask
 runs `split_kv_attention` instead of SDPA: the same attention, split over the held slots so that enough
-programs run to read K and V at the GPU's bandwidth (`vlmcompress/split_kv.py`).
+programs run to read K and V at the GPU's bandwidth (`vlmcompress/decoding/split_kv.py`).
 """
 
 from __future__ import annotations

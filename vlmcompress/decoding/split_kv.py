@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from . import compilation
+from .. import compilation
 
 SPLIT_KV = True
 BLOCK_SLOTS = 64  # slots one program step loads; a chunk is a multiple of it

@@ -1,4 +1,4 @@
-"""Attention scores for eviction, recomputed from an attention module's own inputs.
+"""Attention scores for eviction and pruning, recomputed from an attention module's own inputs.
 
 The upstream attention runs unchanged (SDPA, flash-attention or eager); the scoring
 methods need attention *weights* for a few queries only, so instead of switching the
@@ -10,31 +10,17 @@ softmax against the keys already in the cache.
 
 from __future__ import annotations
 
-import inspect
-import sys
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from ..compilation import compiled_where_it_works
+from .compilation import compiled_where_it_works
+from .glue import rotary_function
 
 # Score rows are padded to a multiple of this many keys: an odd prompt length (LLaVA-OV's 7473) otherwise
 # sends the score product to an unaligned tensor-core kernel, 3-4x slower than the aligned one.
 SCORE_ROW_ALIGNMENT = 8
-
-
-@lru_cache(maxsize=None)
-def _forward_signature(module_type: type) -> inspect.Signature:
-    return inspect.signature(module_type.forward)
-
-
-def bind_attention_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The attention forward's arguments by name, whatever mix of positional and keyword was used."""
-    bound = _forward_signature(type(module)).bind_partial(module, *args, **kwargs).arguments
-    named = {k: v for k, v in bound.items() if k not in ("self", "kwargs")}
-    named.update(bound.get("kwargs", {}))
-    return named
 
 
 def recompute_projection(module: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings, which: str):
@@ -51,32 +37,6 @@ def recompute_projection(module: torch.nn.Module, hidden_states: torch.Tensor, p
     states = states.transpose(1, 2)
     states, _ = rotary_function(module)(states, states, *position_embeddings)
     return states
-
-
-# The names transformers' modeling files give the function their attentions rotate queries and keys with:
-# Qwen2-VL's is `apply_multimodal_rotary_pos_emb` up to transformers 5.2 (3-D cos/sin, split by the
-# config's `mrope_section`), `apply_rotary_pos_emb` (cos/sin already merged) from 5.3 and in every other model.
-ROTARY_FUNCTION_NAMES = ("apply_rotary_pos_emb", "apply_multimodal_rotary_pos_emb")
-
-
-def rotary_function_name(attention_type: type) -> str | None:
-    """The global name under which `attention_type`'s modeling file holds its rotary function, if any.
-
-    The function may be a plain function or, from transformers 5.25, an `nn.Module` wrapping it."""
-    modeling = sys.modules[attention_type.__module__]
-    return next((name for name in ROTARY_FUNCTION_NAMES if callable(getattr(modeling, name, None))), None)
-
-
-def rotary_function(module: torch.nn.Module):
-    """`(q, k, cos, sin) -> (q, k)` as `module`'s own forward rotates them."""
-    name = rotary_function_name(type(module))
-    if name is None:
-        raise TypeError(f"{type(module).__name__}: its modeling file has none of {ROTARY_FUNCTION_NAMES}")
-    rotate = getattr(sys.modules[type(module).__module__], name)
-    if name == "apply_multimodal_rotary_pos_emb":
-        section = module.config.rope_parameters["mrope_section"]
-        return lambda q, k, cos, sin: rotate(q, k, cos, sin, section)
-    return rotate
 
 
 def recompute_queries(module: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
@@ -195,17 +155,6 @@ def accumulated_attention(queries, keys, scaling, key_valid=None, compile: bool 
         part = part[..., :keys.shape[2]].double()
         total = part if total is None else total + part
     return total
-
-
-def reject_right_padding(valid: torch.Tensor) -> None:
-    """Raise a ValueError where a row of `valid` `[b, n]` (True on real tokens) has padding after a real token:
-    generation continues each row from its last slot, so a right-padded batch decodes from padding."""
-    if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
-        raise ValueError(
-            "the batch is right-padded (its attention_mask has zeros after ones): generation needs left "
-            'padding; build it with padding_side="left" (processor(..., padding=True, padding_side="left"), '
-            'or set processor.tokenizer.padding_side = "left")'
-        )
 
 
 def key_validity_from_mask(attention_mask, batch: int, kv_length: int, device) -> torch.Tensor | None:
