@@ -236,8 +236,7 @@ def main(argv=None) -> list[dict]:
         "torch": torch.__version__, "transformers": transformers.__version__, "vlmcompress": vlmcompress.__version__,
         "python": platform.python_version(), "attn_implementation": args.attn or default_attn_implementation(),
         "compiled_kernels": compile_by_default(device),
-        "split_kv_attention": device.type == "cuda" and split_kv.SPLIT_KV and split_kv.split_kv_works(device,
-                                                                                                      torch.bfloat16),
+        "split_kv_attention": device.type == "cuda" and split_kv.split_kv_works(device, torch.bfloat16),
     }
     bandwidth = hbm_bandwidth(device)
     machine["hbm_bandwidth_gb_s"] = bandwidth / 1e9 if bandwidth else None

@@ -36,9 +36,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 
 from bench import announce_cuda_run, build_model, decode_floor, hbm_bandwidth, parse_method, timed  # noqa: E402
 from real_models import make_inputs  # noqa: E402
-from vlmcompress import compilation
-from vlmcompress.decoding import split_kv  # noqa: E402
-from vlmcompress.decoding import static as static_decoding, step_kernels  # noqa: E402
+from vlmcompress import DecodingOptions  # noqa: E402
 from vlmcompress.decoding.static import StaticDecoding  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 
@@ -154,11 +152,10 @@ def main(argv=None) -> list[dict]:
         method = parse_method(spec)
         budget = args.budget if method["kv"] else None
         options = {"window_size": 32} if "window_size" in accepted_options(method["kv"], None) else {}
-        static_decoding.DEFER_STOP_CHECK = stop_check == "deferred"
-        compilation.COMPILE = compiled == "on"
-        step_kernels.FUSE_PRODUCTS = fused == "on"
-        split_kv.SPLIT_KV = split == "on"
-        model.compression = build_settings(kv=method["kv"], kv_budget=budget, cuda_graphs=True, **options)
+        decoding = DecodingOptions(compile=compiled == "on", split_kv=split == "on", fuse_products=fused == "on",
+                                   defer_stop_check=stop_check == "deferred")
+        model.compression = build_settings(kv=method["kv"], kv_budget=budget, cuda_graphs=True, decoding=decoding,
+                                           **options)
 
         def generate(tokens):
             return model.generate(**inputs, do_sample=False, min_new_tokens=tokens, max_new_tokens=tokens)

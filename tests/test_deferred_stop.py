@@ -53,9 +53,8 @@ def greedy(model, inputs, eos):
 
 @pytest.mark.parametrize("method", [None, "snapkv"])
 @pytest.mark.parametrize("defer", [True, False])
-def test_an_early_stop_is_undone_to_eager_decodings_result(tiny_dirs, processors, deferred_on_cpu, monkeypatch,
+def test_an_early_stop_is_undone_to_eager_decodings_result(tiny_dirs, processors, deferred_on_cpu,
                                                             method, defer):
-    monkeypatch.setattr(static_decoding, "DEFER_STOP_CHECK", defer)
     path = tiny_dirs["qwen2_vl"]
     inputs = image_inputs(processors["qwen2_vl"], QUESTIONS)
     budget = {"kv_budget": 0.3, "window_size": 4} if method else {}
@@ -67,7 +66,8 @@ def test_an_early_stop_is_undone_to_eager_decodings_result(tiny_dirs, processors
     eager = greedy(eager_model, inputs, eos)
     assert eager.sequences.shape[1] - prompt < MAX_NEW_TOKENS  # the batch did stop early
 
-    static_model = vlmcompress.load(path, kv=method, dtype=torch.float32, cuda_graphs=True, **budget)
+    static_model = vlmcompress.load(path, kv=method, dtype=torch.float32, cuda_graphs=True,
+                                    decoding=vlmcompress.DecodingOptions(defer_stop_check=defer), **budget)
     static = greedy(static_model, inputs, eos)
     # the step run past the stop was undone (a transformers without DeferredStopCheck checks every step)
     deferring = defer and hasattr(generation_utils, "DeferredStopCheck")

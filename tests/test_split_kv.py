@@ -6,6 +6,7 @@ shapes, inside a CUDA graph, and a graphed decoding against the same decoding th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from conftest import image_inputs
 from test_static_decoding import QUESTIONS, greedy
 
 import vlmcompress
+from vlmcompress import DecodingOptions
 from vlmcompress.decoding import split_kv
+from vlmcompress.decoding.options import activated
 from vlmcompress.decoding.grouped_sdpa import grouped_sdpa_attention_forward
 
 triton = pytest.importorskip("triton")
@@ -109,14 +112,14 @@ def test_on_cuda_split_kv_attention_equals_the_literal_softmax(dtype, shape):
 
 
 @cuda_only
-def test_on_cuda_only_masked_bf16_or_fp16_decoding_is_taken(monkeypatch):
+def test_on_cuda_only_masked_bf16_or_fp16_decoding_is_taken():
     query, key, value, mask = random_case(1, 2, 7, 40, 64, torch.bfloat16, device="cuda")
     assert split_kv.takes(query, key, value, mask)
     assert not split_kv.takes(query.float(), key.float(), value.float(), mask.float())  # fp32: SDPA
     assert not split_kv.takes(query, key, value, mask == 0)  # a boolean mask
     assert not split_kv.takes(query, key, value, None)
-    monkeypatch.setattr(split_kv, "SPLIT_KV", False)
-    assert not split_kv.takes(query, key, value, mask)
+    with activated(DecodingOptions(split_kv=False)):
+        assert not split_kv.takes(query, key, value, mask)
 
 
 @cuda_only
@@ -157,7 +160,7 @@ def test_on_cuda_graphed_decoding_with_split_kv_attention_decodes_like_sdpa(tiny
         *args, **kwargs))
     ours = greedy(model, inputs)
     assert calls  # the eager first step and the capture
-    monkeypatch.setattr(split_kv, "SPLIT_KV", False)
+    model.compression = dataclasses.replace(model.compression, decoding=DecodingOptions(split_kv=False))
     calls.clear()
     reference = greedy(model, inputs)
     assert not calls

@@ -4,6 +4,7 @@ classes whose forward agrees; compiled where torch.compile works, and given back
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -12,9 +13,8 @@ from conftest import image_inputs
 from test_static_decoding import QUESTIONS, assert_same_decoding, greedy, load
 
 import vlmcompress
-from vlmcompress import compilation
+from vlmcompress import DecodingOptions, compilation
 from vlmcompress.decoding import static as static_decoding
-from vlmcompress.decoding import step_kernels
 from vlmcompress.decoding.step_kernels import FusedProducts, StepKernels, fuse_linears, gated_mlp, rms_norm, silu_gate
 from vlmcompress.glue import language_model_of
 from vlmcompress.glue import rotary_function_name
@@ -215,7 +215,7 @@ def test_on_cuda_graphed_steps_are_compiled_and_decode_like_uncompiled_ones(tiny
                         lambda self: runners.append(self) or original_install(self))
     compiled = greedy(model, inputs)
     assert runners[-1].step_kernels.compile and runners[-1].captures == 1
-    monkeypatch.setattr(compilation, "COMPILE", False)
+    model.compression = dataclasses.replace(model.compression, decoding=DecodingOptions(compile=False))
     uncompiled = greedy(model, inputs)
     assert not runners[-1].step_kernels.compile
     assert_same_decoding(compiled, uncompiled)
@@ -231,7 +231,7 @@ def test_on_cuda_graphed_steps_with_fused_products_decode_like_separate_ones(tin
     monkeypatch.setattr(FusedProducts, "__call__", lambda self, hidden: calls.append(1) or original(self, hidden))
     fused = greedy(model, inputs)
     assert calls  # captured once, so counted in the eager run and the capture only
-    monkeypatch.setattr(step_kernels, "FUSE_PRODUCTS", False)
+    model.compression = dataclasses.replace(model.compression, decoding=DecodingOptions(fuse_products=False))
     calls.clear()
     separate = greedy(model, inputs)
     assert not calls

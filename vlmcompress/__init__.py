@@ -7,6 +7,7 @@ chosen KV-cache eviction, visual-token pruning and parameter sparsity applied, s
 
 __version__ = "0.1.0"
 
+from .decoding.options import DecodingOptions  # noqa: E402
 from .loading import SUPPORTED_MODEL_TYPES, load  # noqa: E402
 
-__all__ = ["load", "SUPPORTED_MODEL_TYPES", "__version__"]
+__all__ = ["load", "DecodingOptions", "SUPPORTED_MODEL_TYPES", "__version__"]

@@ -4,7 +4,7 @@ Used for pointwise and reduction work that eager PyTorch runs as many kernels ov
 decoding step's norms, rotary embedding and MLP gates (`decoding.step_kernels`), and the softmax statistics
 that score a prompt's keys (`vlmcompress.scoring`). Only on CUDA with triton installed (`compile_by_default`),
 and only once a probe has compiled and agreed with eager (`compiler_works`); otherwise, with one warning,
-the same functions run uncompiled. `COMPILE = False` turns it off (bench/decode_step.py --compile).
+the same functions run uncompiled. `DecodingOptions(compile=False)` turns it off (bench/decode_step.py --compile).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import warnings
 
 import torch
 
-COMPILE = True
+from .decoding.options import active
+
 COMPILE_BACKEND = "inductor"
 
 # Inductor's note when it splits a softmax's reduction (the prompt scoring's statistics at batch 1, torch 2.11):
@@ -68,7 +69,7 @@ def agrees_or_warns(candidate, reference, tolerance: float, what: str, reference
 
 def compile_by_default(device: torch.device) -> bool:
     """Compile where inductor makes GPU kernels: CUDA with triton installed."""
-    if not COMPILE or device.type != "cuda":
+    if device.type != "cuda":
         return False
     from torch.utils._triton import has_triton
 
@@ -76,7 +77,8 @@ def compile_by_default(device: torch.device) -> bool:
 
 
 def compiled_where_it_works(function, device: torch.device, dtype: torch.dtype):
-    """`function` compiled if `compile_by_default(device)` and the compiler works there; else `function`."""
-    if compile_by_default(device) and compiler_works(device, dtype):
+    """`function` compiled if the active options say so (`DecodingOptions.compile`), `compile_by_default(device)`
+    and the compiler works there; else `function`."""
+    if active().compile and compile_by_default(device) and compiler_works(device, dtype):
         return compiled(function, COMPILE_BACKEND)
     return function

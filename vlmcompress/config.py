@@ -5,20 +5,14 @@ Everything is checked before any weight is read, and every error names the valid
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from .cache import KV_METHODS, get_cache_class, validate_budget
+from .cache import KV_METHODS, get_cache_class
+from .decoding.options import DecodingOptions
+from .registry import Registry
 
 DEFAULT_KV_BUDGET = 0.1
-
-
-def _accepted_options(factory: Callable) -> set[str]:
-    parameters = inspect.signature(factory).parameters
-    return {name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD} - {
-        "self", "budget",
-    }
 
 
 @dataclass(frozen=True)
@@ -53,10 +47,13 @@ class CompressionSettings:
     prune: PruneSettings | None = None
     sparsity: SparsitySettings | None = None
     cuda_graphs: bool = False  # static decoding (vlmcompress.decoding)
+    decoding: DecodingOptions = DecodingOptions()  # the fast paths' switches
 
     def describe(self) -> dict:
-        """A JSON-ready summary (method, budget, options per family)."""
+        """A JSON-ready summary (method, budget, options per family; decoding options where not the defaults)."""
         out = {"cuda_graphs": True} if self.cuda_graphs else {}
+        if self.decoding != DecodingOptions():
+            out["decoding"] = asdict(self.decoding)
         if self.kv:
             out["kv"] = {"method": self.kv.method, "budget": self.kv.budget, **self.kv.options}
         if self.prune:
@@ -67,33 +64,29 @@ class CompressionSettings:
         return out
 
 
-def _family_option_names() -> dict[str, Callable[[str], set[str]]]:
-    """For each family, a function from method name to the option names it accepts."""
-
-    def kv_options(method: str) -> set[str]:
-        return _accepted_options(get_cache_class(method).__init__)
-
-    families = {"kv": kv_options}
+def _registries() -> dict[str, Registry]:
+    """Each family's method registry, where this installation has the family."""
+    families = {"kv": KV_METHODS}
     try:
-        from .pruning import prune_option_names
+        from .pruning import PRUNE_METHODS
     except ImportError:
         pass
     else:
-        families["prune"] = prune_option_names
+        families["prune"] = PRUNE_METHODS
     try:
-        from .sparsity import sparsity_option_names
+        from .sparsity import SPARSITY_METHODS
     except ImportError:
         pass
     else:
-        families["sparsity"] = sparsity_option_names
+        families["sparsity"] = SPARSITY_METHODS
     return families
 
 
 def accepted_options(kv: str | None = None, prune: str | None = None, sparsity: str | None = None) -> set[str]:
     """The option names the chosen methods take together (e.g. to filter a shared option list)."""
-    families = _family_option_names()
+    families = _registries()
     selected = {"kv": kv, "prune": prune, "sparsity": sparsity}
-    return set().union(*(families[f](m) for f, m in selected.items() if m is not None and f in families))
+    return set().union(*(families[f].option_names(m) for f, m in selected.items() if m is not None and f in families))
 
 
 def build_settings(
@@ -106,6 +99,7 @@ def build_settings(
     sparsity_pattern: str = "unstructured",
     calibration: Any = None,
     cuda_graphs: bool = False,
+    decoding: DecodingOptions | None = None,
     **method_options,
 ) -> CompressionSettings:
     """Validate `load()`'s compression arguments and route each option to the family that takes it."""
@@ -116,13 +110,13 @@ def build_settings(
     if kv is None and kv_budget is not None:
         raise ValueError(f"kv_budget={kv_budget!r} was given without kv=...: choose one of {sorted(KV_METHODS)}")
     selected = {"kv": kv, "prune": prune, "sparsity": sparsity}
-    families = _family_option_names()
+    families = _registries()
     for family, method in selected.items():
         if method is not None and family not in families:
             raise ValueError(f"{family}={method!r}: this installation has no {family} methods")
     routed: dict[str, dict] = {family: {} for family in selected}
     accepted_by: dict[str, set[str]] = {
-        family: families[family](method) for family, method in selected.items() if method is not None
+        family: families[family].option_names(method) for family, method in selected.items() if method is not None
     }
     for option, value in method_options.items():
         takers = [family for family, names in accepted_by.items() if option in names]
@@ -140,12 +134,13 @@ def build_settings(
 
     if not isinstance(cuda_graphs, bool):
         raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if decoding is not None and not isinstance(decoding, DecodingOptions):
+        raise ValueError(f"decoding must be a vlmcompress.DecodingOptions, got {decoding!r}")
     kv_settings = None
     if kv is not None:
-        method = get_cache_class(kv).name
-        budget = validate_budget(DEFAULT_KV_BUDGET if kv_budget is None else kv_budget)
-        kv_settings = KVSettings(method, budget, routed["kv"])
-        kv_settings.make_cache().detach()  # validates the options now, before any weight is loaded
+        cache_class = get_cache_class(kv)
+        budget, _ = cache_class.validate(DEFAULT_KV_BUDGET if kv_budget is None else kv_budget, **routed["kv"])
+        kv_settings = KVSettings(cache_class.name, budget, routed["kv"])
 
     prune_settings = None
     if prune is not None:
@@ -162,4 +157,5 @@ def build_settings(
 
         validate_sparsity_args(sparsity, sparsity_ratio, sparsity_pattern)
         sparsity_settings = SparsitySettings(sparsity, sparsity_ratio, sparsity_pattern, calibration, routed["sparsity"])
-    return CompressionSettings(kv_settings, prune_settings, sparsity_settings, cuda_graphs)
+    return CompressionSettings(kv_settings, prune_settings, sparsity_settings, cuda_graphs,
+                               decoding or DecodingOptions())

@@ -7,10 +7,12 @@ import importlib.util
 import torch
 from transformers import AutoConfig
 
+from .architectures import ARCHITECTURES, architecture
 from .config import build_settings
 from .decoding.grouped_sdpa import GROUPED_SDPA
+from .decoding.options import DecodingOptions
 
-SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl")
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
 def default_attn_implementation(static_decoding: bool = False) -> str | dict:
@@ -36,6 +38,7 @@ def load(
     device_map=None,
     attn_implementation: str | None = None,
     cuda_graphs: bool = False,
+    decoding: DecodingOptions | None = None,
     **method_options,
 ):
     """Load a supported LVLM with the chosen compression applied.
@@ -52,29 +55,25 @@ def load(
             given); attention defaults to flash-attention-2 where installed (with a GPU) and SDPA otherwise,
             the language model's `vlmcompress_sdpa` (`vlmcompress.decoding.grouped_sdpa`).
         cuda_graphs: static decoding (`vlmcompress.decoding`): once the prompt is compressed,
-            each decoding step replays one CUDA graph instead of launching ~1300 kernels from Python.
+            each decoding step replays one CUDA graph instead of launching its kernels from Python.
             Takes every kv= method (h2o and streamingllm evict within fixed buffers) or kv=None (then the
             cache keeps every token), and SDPA or eager attention. On the CPU the same static steps run
             eagerly; on CUDA with triton their elementwise kernels are compiled (`vlmcompress.compilation`).
+        decoding: `DecodingOptions`, the fast paths' switches (compilation, split-KV attention, fused products,
+            the deferred stop check), all on by default.
         **method_options: options of the chosen methods (e.g. window_size=32, kernel_size=5,
             sink_tokens=4); each goes to the method that takes it, unknown ones are an error.
 
     Returns the model: an instance of a subclass of the upstream transformers class, whose
     `generate` applies the compression with no extra argument.
     """
-    config = AutoConfig.from_pretrained(pretrained)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{pretrained!r} is a {config.model_type!r} model; vlmcompress supports {list(SUPPORTED_MODEL_TYPES)}"
-        )
+    model_class = architecture(AutoConfig.from_pretrained(pretrained).model_type, pretrained).model_class
     settings = build_settings(
         kv=kv, kv_budget=kv_budget, prune=prune, prune_budget=prune_budget, sparsity=sparsity,
         sparsity_ratio=sparsity_ratio, sparsity_pattern=sparsity_pattern, calibration=calibration,
-        cuda_graphs=cuda_graphs, **method_options,
+        cuda_graphs=cuda_graphs, decoding=decoding, **method_options,
     )
-    from .models import MODEL_CLASSES
-
-    model = MODEL_CLASSES[config.model_type].from_pretrained(
+    model = model_class.from_pretrained(
         pretrained,
         dtype=dtype,
         device_map=device_map,

@@ -19,7 +19,7 @@ from .compilation import compiled_where_it_works
 from .glue import rotary_function
 
 # Score rows are padded to a multiple of this many keys: an odd prompt length (LLaVA-OV's 7473) otherwise
-# sends the score product to an unaligned tensor-core kernel, 3-4x slower than the aligned one.
+# sends the score product to an unaligned tensor-core kernel, several times slower (docs/benchmarks.md).
 SCORE_ROW_ALIGNMENT = 8
 
 

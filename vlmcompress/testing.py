@@ -16,7 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-ARCHITECTURES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl")
+from .architectures import ARCHITECTURES as _ARCHITECTURES
+from .architectures import architecture
+
+ARCHITECTURES = tuple(_ARCHITECTURES)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -29,30 +32,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Special tokens per architecture; the processors find them by these names.
-_SPECIAL = {
-    "llava_onevision": {"image_token": "<image>", "video_token": "<video>"},
-    "qwen2_vl": {
-        "image_token": "<|image_pad|>",
-        "video_token": "<|video_pad|>",
-        "vision_start_token": "<|vision_start|>",
-        "vision_end_token": "<|vision_end|>",
-    },
-    "internvl": {
-        "context_image_token": "<IMG_CONTEXT>",
-        "start_image_token": "<img>",
-        "end_image_token": "</img>",
-        "video_token": "<video>",
-    },
-}
-_SPECIAL["qwen2_5_vl"] = _SPECIAL["qwen2_vl"]
-
-_PLACEHOLDER = {
-    "llava_onevision": ("<image>", "<video>"),
-    "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"),
-    "qwen2_5_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"),
-    "internvl": ("<IMG_CONTEXT>", "<video>"),
-}
+# Special tokens per architecture (the processors find them by these names), and what the chat template writes
+# for an image and a video.
+_SPECIAL = {name: arch.tiny.SPECIAL_TOKENS for name, arch in _ARCHITECTURES.items()}
+_PLACEHOLDER = {name: arch.tiny.PLACEHOLDERS for name, arch in _ARCHITECTURES.items()}
 
 
 def _text_config(vocab_size: int, **overrides) -> dict:
@@ -104,94 +87,14 @@ def _chat_template(model_type: str) -> str:
 
 def build_tiny_model(model_type: str, seed: int = 0, **text_overrides):
     """Return `(model, processor)` of a randomly initialised tiny `model_type` checkpoint."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForImageTextToText,
-        GotOcr2ImageProcessor,
-        InternVLProcessor,
-        InternVLVideoProcessor,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import AutoModelForImageTextToText
 
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"unknown tiny architecture {model_type!r}; choose one of {ARCHITECTURES}")
+    tiny = architecture(model_type).tiny
     tokenizer = build_tokenizer(model_type)
-    vocab = len(tokenizer)
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in _SPECIAL[model_type].items()}
-    template = _chat_template(model_type)
-    text = _text_config(vocab, **text_overrides)
     torch.manual_seed(seed)
-
-    if model_type == "llava_onevision":
-        config = AutoConfig.for_model(
-            "llava_onevision",
-            text_config={"model_type": "qwen2", **text},
-            vision_config=dict(
-                model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, image_size=32, patch_size=8,
-            ),
-            image_token_id=ids["image_token"],
-            video_token_id=ids["video_token"],
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
-            image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
-        )
-        image_processor = LlavaOnevisionImageProcessor(
-            size={"height": 32, "width": 32}, image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]]
-        )
-        processor = LlavaOnevisionProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16,
-            video_processor=LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}),
-            vision_feature_select_strategy="full", chat_template=template,
-        )
-    elif model_type in ("qwen2_vl", "qwen2_5_vl"):
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, in_chans=3)
-        if model_type == "qwen2_5_vl":
-            vision.update(intermediate_size=64, out_hidden_size=text["hidden_size"], window_size=56,
-                          fullatt_block_indexes=[1])
-        else:
-            vision.update(mlp_ratio=2)
-        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-        config = AutoConfig.for_model(
-            model_type,
-            text_config={**text, "rope_parameters": rope},
-            vision_config=vision,
-            image_token_id=ids["image_token"],
-            video_token_id=ids["video_token"],
-            vision_start_token_id=ids["vision_start_token"],
-            vision_end_token_id=ids["vision_end_token"],
-        )
-        image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
-        processor = Qwen2VLProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
-            video_processor=Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
-        )
-    else:  # internvl
-        config = AutoConfig.for_model(
-            "internvl",
-            text_config={"model_type": "qwen2", **text},
-            vision_config=dict(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                image_size=[32, 32], patch_size=[8, 8],
-            ),
-            image_token_id=ids["context_image_token"],
-            downsample_ratio=0.5,
-            vision_feature_layer=-1,
-            projector_hidden_act="gelu",
-        )
-        image_processor = GotOcr2ImageProcessor(
-            size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=4, min_patches=1
-        )
-        processor = InternVLProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4, chat_template=template,
-            video_processor=InternVLVideoProcessor(size={"height": 32, "width": 32}),
-        )
+    config, processor = tiny.build(model_type, tokenizer, ids, _text_config(len(tokenizer), **text_overrides),
+                                   _chat_template(model_type))
     for cfg in (config, config.text_config):
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.bos_token_id = None

@@ -1,4 +1,4 @@
-"""KV-cache eviction: one `transformers.Cache` subclass per method, registered by name."""
+"""KV-cache eviction: one `transformers.Cache` subclass per method, registered by name (`KV_METHODS.register`)."""
 
 from .base import CompressedCache, validate_budget
 from .context import PromptContext
@@ -9,16 +9,16 @@ from .snapkv import SnapKVCache
 from .streamingllm import StreamingLLMCache
 from .vlcache import VLCacheCache
 
-KV_METHODS: dict[str, type[CompressedCache]] = {
-    cls.name: cls for cls in (StreamingLLMCache, H2OCache, SnapKVCache, PyramidKVCache, VLCacheCache)
-}
+from ..registry import Registry
+
+# "SnapKV", "snap-kv" and "snap_kv" all name snapkv
+KV_METHODS = Registry("KV-cache", normalize=lambda name: name.strip().lower().replace("-", "").replace("_", ""))
+for method in (StreamingLLMCache, H2OCache, SnapKVCache, PyramidKVCache, VLCacheCache):
+    KV_METHODS.register(method)
 
 
 def get_cache_class(name: str) -> type[CompressedCache]:
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in KV_METHODS:
-        raise ValueError(f"unknown KV-cache method {name!r}; choose one of {sorted(KV_METHODS)}")
-    return KV_METHODS[key]
+    return KV_METHODS.lookup(name)
 
 
 __all__ = [

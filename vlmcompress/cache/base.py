@@ -27,6 +27,7 @@ on the model's first forward call after the cache was made.
 from __future__ import annotations
 
 import weakref
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import ClassVar
 
@@ -51,22 +52,32 @@ def validate_budget(budget) -> float | int:
     return validate_share_or_count(budget, "kv_budget", "prompt tokens", "tokens kept per layer")
 
 
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that has none."""
+
+
 class CompressedCache(DynamicCache):
-    """Base of the eviction caches. Subclasses define `score()` and, optionally, a layer allocation.
+    """Base of the eviction caches. Subclasses define `score()` and, optionally, their `Options` and a layer
+    allocation.
 
     budget: float in (0, 1], the share of each prompt's tokens kept (mean over layers), or
     int >= 1, tokens kept per layer (mean over layers). A budget that covers the prompt keeps it whole.
+    options: the method's `Options` (a frozen dataclass that validates its fields); each is also an attribute
+    of the cache (`SnapKVCache(window_size=8).window_size`).
     """
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
     #: retires slots during decoding to stay at the budget (H2O, StreamingLLM)
     evicts_during_decoding: ClassVar[bool] = False
     #: the per-layer budgets depend on every layer's statistics, so eviction waits for the last layer
     allocation_needs_all_layers: ClassVar[bool] = False
 
-    def __init__(self, budget: float | int = 0.1):
+    def __init__(self, budget: float | int = 0.1, **options):
+        self.budget, self.options = self.validate(budget, **options)
         Cache.__init__(self, layer_class_to_replicate=CompressedLayer)
-        self.budget = validate_budget(budget)
+        vars(self).update(asdict(self.options))
         self.visual_mask: torch.Tensor | None = None
         self.num_layers: int | None = None
         self._visual_ids: list[int] = []
@@ -87,7 +98,22 @@ class CompressedCache(DynamicCache):
             weakref.finalize(self, hooks.remove_all, handles)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(budget={self.budget})"
+        options = "".join(f", {name}={value!r}" for name, value in asdict(self.options).items())
+        return f"{type(self).__name__}(budget={self.budget}{options})"
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        return {option.name for option in fields(cls.Options)}
+
+    @classmethod
+    def validate(cls, budget: float | int = 0.1, **options) -> tuple[float | int, object]:
+        """The budget and the method's `Options`, checked as the constructor checks them, without making a cache;
+        a `ValueError` naming the valid values otherwise."""
+        unknown = sorted(set(options) - cls.option_names())
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for kv={cls.name!r}; valid options: "
+                             f"{sorted(cls.option_names())}")
+        return validate_budget(budget), cls.Options(**options)
 
     # ----- what a method defines -------------------------------------------------------------
     def score(self, ctx: PromptContext) -> torch.Tensor:

@@ -17,7 +17,7 @@ class FullCache(CompressedCache):
     name = "full"
 
     def __init__(self):
-        super().__init__(1.0)
+        super().__init__(1.0)  # every token: no budget to choose
 
     def score(self, ctx: PromptContext) -> torch.Tensor:
         return torch.zeros(ctx.keys.shape[:3], dtype=torch.float64, device=ctx.keys.device)

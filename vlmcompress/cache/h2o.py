@@ -9,6 +9,8 @@ retired, so the cache stays at its budget while generating.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .base import PROTECTED, CompressedCache
@@ -23,15 +25,20 @@ def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int |
     return torch.where(is_recent, PROTECTED + positions.double(), scores)
 
 
+@dataclass(frozen=True)
+class H2OOptions:
+    recent_ratio: float = 0.5  # the share of the budget kept as the most recent tokens
+
+    def __post_init__(self):
+        ratio = self.recent_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"recent_ratio must be in [0, 1] (share of the budget kept as recent tokens), got {ratio!r}")
+
+
 class H2OCache(CompressedCache):
     name = "h2o"
+    Options = H2OOptions
     evicts_during_decoding = True
-
-    def __init__(self, budget: float | int = 0.1, recent_ratio: float = 0.5):
-        super().__init__(budget)
-        if not isinstance(recent_ratio, (int, float)) or not 0.0 <= recent_ratio <= 1.0:
-            raise ValueError(f"recent_ratio must be in [0, 1] (share of the budget kept as recent tokens), got {recent_ratio!r}")
-        self.recent_ratio = float(recent_ratio)
 
     def recent_tokens(self, budget: torch.Tensor) -> torch.Tensor:
         return torch.floor(budget.double() * self.recent_ratio).long().clamp(min=1)

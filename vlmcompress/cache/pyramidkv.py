@@ -7,22 +7,28 @@ rounded so that the mean over layers is exactly the budget.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .allocation import integer_allocation
 from .context import PromptContext
-from .snapkv import SnapKVCache
+from .snapkv import SnapKVCache, SnapKVOptions
+
+
+@dataclass(frozen=True)
+class PyramidKVOptions(SnapKVOptions):
+    beta: float = 20.0  # ratio of the mean budget (less the window) to the last layer's
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
+            raise ValueError(f"beta must be >= 1 (ratio of the mean to the last layer's budget), got {self.beta!r}")
 
 
 class PyramidKVCache(SnapKVCache):
     name = "pyramidkv"
-
-    def __init__(self, budget: float | int = 0.1, window_size: int = 32, kernel_size: int = 5,
-                 pooling: str = "avgpool", beta: float = 20.0):
-        super().__init__(budget, window_size=window_size, kernel_size=kernel_size, pooling=pooling)
-        if not isinstance(beta, (int, float)) or beta < 1:
-            raise ValueError(f"beta must be >= 1 (ratio of the mean to the last layer's budget), got {beta!r}")
-        self.beta = float(beta)
+    Options = PyramidKVOptions
 
     def pyramid(self, mean: int, length: int, num_layers: int, window: int) -> list[int]:
         """Per-layer token counts for one sample, mean exactly `mean`, each within [window, length]."""

@@ -7,6 +7,8 @@ observation window of the last w tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -14,18 +16,24 @@ from .base import PROTECTED, CompressedCache
 from .context import PromptContext
 
 
+@dataclass(frozen=True)
+class SnapKVOptions:
+    window_size: int = 32  # w: the observation window, the last w prompt tokens
+    kernel_size: int = 5  # the pooling's width
+    pooling: str = "avgpool"  # or "maxpool"
+
+    def __post_init__(self):
+        if not isinstance(self.window_size, int) or self.window_size < 1:
+            raise ValueError(f"window_size must be an int >= 1, got {self.window_size!r}")
+        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd int >= 1, got {self.kernel_size!r}")
+        if self.pooling not in ("avgpool", "maxpool"):
+            raise ValueError(f"pooling must be 'avgpool' or 'maxpool', got {self.pooling!r}")
+
+
 class SnapKVCache(CompressedCache):
     name = "snapkv"
-
-    def __init__(self, budget: float | int = 0.1, window_size: int = 32, kernel_size: int = 5, pooling: str = "avgpool"):
-        super().__init__(budget)
-        if not isinstance(window_size, int) or window_size < 1:
-            raise ValueError(f"window_size must be an int >= 1, got {window_size!r}")
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd int >= 1, got {kernel_size!r}")
-        if pooling not in ("avgpool", "maxpool"):
-            raise ValueError(f"pooling must be 'avgpool' or 'maxpool', got {pooling!r}")
-        self.window_size, self.kernel_size, self.pooling = window_size, kernel_size, pooling
+    Options = SnapKVOptions
 
     def window(self, ctx: PromptContext) -> int:
         shortest = int(ctx.real_length.min())

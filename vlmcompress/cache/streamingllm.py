@@ -7,6 +7,8 @@ oldest non-sink token is retired as each new one arrives.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .base import PROTECTED, CompressedCache
@@ -20,15 +22,19 @@ def sinks_then_newest(positions: torch.Tensor, sinks: torch.Tensor) -> torch.Ten
     return torch.where(sinks, PROTECTED - position, position)
 
 
+@dataclass(frozen=True)
+class StreamingLLMOptions:
+    sink_tokens: int = 4  # the attention sinks: the first tokens, always kept
+
+    def __post_init__(self):
+        if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
+
+
 class StreamingLLMCache(CompressedCache):
     name = "streamingllm"
+    Options = StreamingLLMOptions
     evicts_during_decoding = True
-
-    def __init__(self, budget: float | int = 0.1, sink_tokens: int = 4):
-        super().__init__(budget)
-        if not isinstance(sink_tokens, int) or sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
-        self.sink_tokens = sink_tokens
 
     def score(self, ctx: PromptContext) -> torch.Tensor:
         b, h, n, _ = ctx.keys.shape

@@ -12,6 +12,7 @@ A prompt without visual tokens (chosen per sample in a batch) uses its last `win
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -21,17 +22,26 @@ from .base import CompressedCache
 from .context import PromptContext
 
 
+@dataclass(frozen=True)
+class VLCacheOptions:
+    threshold: float = 0.01  # an attention entry is dense at >= threshold x its row's maximum
+    window_size: int = 32  # the queries that score a prompt without visual tokens: its last window_size
+
+    def __post_init__(self):
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1) (share of a row's maximum attention), got {threshold!r}")
+        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
+            raise ValueError(f"window_size must be an int >= 1, got {self.window_size!r}")
+
+
 class VLCacheCache(CompressedCache):
     name = "vlcache"
+    Options = VLCacheOptions
     allocation_needs_all_layers = True
 
-    def __init__(self, budget: float | int = 0.1, threshold: float = 0.01, window_size: int = 32):
-        super().__init__(budget)
-        if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1) (share of a row's maximum attention), got {threshold!r}")
-        if not isinstance(window_size, int) or window_size < 1:
-            raise ValueError(f"window_size must be an int >= 1, got {window_size!r}")
-        self.threshold, self.window_size = float(threshold), window_size
+    def __init__(self, budget: float | int = 0.1, **options):
+        super().__init__(budget, **options)
         self._post_vision_memo = None
 
     def post_vision_queries(self, ctx: PromptContext) -> torch.Tensor:

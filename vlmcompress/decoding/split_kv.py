@@ -2,8 +2,8 @@
 
 At a decoding step SDPA's kernels run one program per (sample, head, block of queries). With one query per
 sample and a grouped-query head's group viewed as the rows of its KV head (`vlmcompress_sdpa`), that is
-batch x kv_heads programs, 32 at batch 8 on Qwen2-7B, each walking every held slot, on a GPU of 132
-multiprocessors: the H100 timer read K and V at 156-704 GB/s (docs/benchmarks.md). Here the slots are
+batch x kv_heads programs (32 at batch 8 on Qwen2-7B), each walking every held slot: too few to fill a GPU
+of 132 multiprocessors, which then reads K and V far below its bandwidth (docs/benchmarks.md). Here the slots are
 split into chunks; one program per (sample, KV head, chunk) attends its group's queries to its chunk with
 a running softmax, and a second kernel merges the chunks by their log-sum-exp (Dao, Haziza, Massa and
 Sizov, 2023, "Flash-Decoding for long-context inference"):
@@ -11,8 +11,8 @@ Sizov, 2023, "Flash-Decoding for long-context inference"):
     out = Σ_c exp(lse_c − lse) · out_c,   lse = log Σ_c exp(lse_c)
 
 Triton kernels, used on CUDA for bf16/fp16 where a probe against SDPA passes (`split_kv_works`); everywhere
-else, and for masks it does not take (boolean), `vlmcompress_sdpa` calls SDPA as before. `SPLIT_KV = False`
-turns it off (bench/decode_step.py --split-kv).
+else, and for masks it does not take (boolean), `vlmcompress_sdpa` calls SDPA as before.
+`DecodingOptions(split_kv=False)` turns it off (bench/decode_step.py --split-kv).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import os
 import torch
 
 from .. import compilation
+from .options import active
 
-SPLIT_KV = True
 BLOCK_SLOTS = 64  # slots one program step loads; a chunk is a multiple of it
 PROGRAMS_PER_MULTIPROCESSOR = 2  # how many chunks to aim for: enough programs to fill the GPU twice over
 
@@ -126,7 +126,7 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> bool:
     """Whether `split_kv_attention` serves this decoding call (see the module docstring)."""
     dim = query.shape[-1]
-    return (SPLIT_KV and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    return (query.is_cuda and active().split_kv and query.dtype in (torch.float16, torch.bfloat16)
             and key.dtype == value.dtype == query.dtype and isinstance(mask, torch.Tensor)
             and mask.is_floating_point() and dim >= 16 and dim & (dim - 1) == 0
             and key.stride(-1) == 1 and value.stride(-1) == 1 and split_kv_works(query.device, query.dtype))

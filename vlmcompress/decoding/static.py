@@ -1,8 +1,8 @@
 """Static decoding: once the prompt is compressed, each decoding step runs at fixed shapes, from a CUDA graph.
 
-Eager `generate` is launch-bound while decoding: a 28-layer model makes about 1300 kernel launches per
-step, some 15 µs of CPU each, so a step costs 20-35 ms whatever the cache holds, and a cache 10x smaller
-cannot show (docs/benchmarks.md). Nothing in a step needs the host once the prompt is compressed:
+Eager `generate` is launch-bound while decoding: a 7B model's step is some thousand kernel launches from
+Python, so it costs the same whatever the cache holds, and a smaller cache cannot show (docs/benchmarks.md,
+"Static decoding from a CUDA graph"). Nothing in a step needs the host once the prompt is compressed:
 
 - every cache layer becomes a `StaticLayer` with preallocated room for the coming tokens; step t writes its
   key and value at slot `static_base + t`, with t held in a device scalar, and marks the slot valid;
@@ -33,11 +33,11 @@ import transformers.generation.utils as generation_utils
 
 from ..compilation import compile_by_default
 from ..glue import passed_cache
+from .options import DecodingOptions
 from .static_layer import StaticLayer
 from .step_kernels import StepKernels
 
 ROOM = 256  # decoding steps one static allocation serves when generate's max_new_tokens is unknown
-DEFER_STOP_CHECK = True  # read generate's "all finished" flag one step late (deferred_stop_check)
 DEFERRED_DEVICES = ("cuda",)  # where transformers' DeferredStopCheck works: it records device events
 
 
@@ -50,7 +50,8 @@ class StaticDecoding:
     """
 
     def __init__(self, cache, language_model: torch.nn.Module, room: int = ROOM,
-                 use_graphs: bool | None = None, compile_kernels: bool | None = None):
+                 use_graphs: bool | None = None, options: DecodingOptions = DecodingOptions(),
+                 compile_kernels: bool | None = None):
         if room < 1:
             raise ValueError(f"room must be >= 1 decoding step, got {room}")
         self.cache, self.language_model, self.room = cache, language_model, room
@@ -58,9 +59,9 @@ class StaticDecoding:
         self.takes_cache_position = "cache_position" in inspect.signature(self.upstream_forward).parameters
         device = next(language_model.parameters()).device
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
-        if compile_kernels is None:
-            compile_kernels = self.use_graphs and compile_by_default(device)
-        self.step_kernels = StepKernels(language_model, compile=compile_kernels)
+        if compile_kernels is None:  # compiled where the steps replay from a graph
+            compile_kernels = self.use_graphs and options.compile and compile_by_default(device)
+        self.step_kernels = StepKernels(language_model, compile=compile_kernels, fuse_products=options.fuse_products)
         self.write_offset: torch.Tensor | None = None  # device scalar: the step within the current room
         self.static_bases: torch.Tensor | None = None  # [layers] each layer's static_base, on the device
         self.steps_written = 0
@@ -214,7 +215,7 @@ def deferred_stop_check():
     decoding, and only where the installed transformers has it.
     """
     upstream = getattr(generation_utils, "DeferredStopCheck", None)
-    if upstream is None or not DEFER_STOP_CHECK:
+    if upstream is None:
         yield
         return
     generation_utils.DeferredStopCheck = _deferred_stop_check_class(upstream)

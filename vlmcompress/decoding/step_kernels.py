@@ -1,8 +1,8 @@
 """Fewer kernels in a static decoding step (`StaticDecoding`).
 
 Replayed from a CUDA graph, a step costs its matrix products, its attention, and the language model's small
-elementwise kernels: on Qwen2-VL-7B at batch 8 those were 1118 kernels and 2.1 ms of an 8.3 ms step
-(docs/benchmarks.md). Within a step, `StepKernels` runs three pieces of every decoder layer with fewer:
+elementwise kernels, which are most of its kernels and a quarter of its time (docs/benchmarks.md, "Where a
+step's time goes"). Within a step, `StepKernels` runs three pieces of every decoder layer with fewer:
 
 - each RMSNorm as `torch.rms_norm` and a multiply (`rms_norm`): 2 kernels instead of 8;
 - where torch.compile makes GPU kernels (`vlmcompress.compilation`), the RMSNorm becomes 1 kernel, the
@@ -30,8 +30,6 @@ import torch.nn.functional as F
 
 from .. import compilation
 from ..glue import rotary_function_name
-
-FUSE_PRODUCTS = True  # run the Linears that share an input as one product (`FusedProducts`)
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,19 +120,20 @@ class FusedProducts:
 
 class StepKernels:
     """Context manager: within it, the language model's RMSNorms, SiLU-gated MLPs and rotary embedding use
-    fewer kernels, and its attentions' q/k/v projections one product (see the module docstring). `compile`
-    compiles the pointwise pieces (if the compiler works on the model's device; else they run eagerly)."""
+    fewer kernels, and (`fuse_products`) its attentions' q/k/v projections and MLPs' gate/up one product each
+    (see the module docstring). `compile` compiles the pointwise pieces (if the compiler works on the model's
+    device; else they run eagerly)."""
 
     _agrees: dict[tuple[type, type | None, torch.dtype], bool] = {}
 
-    def __init__(self, language_model: torch.nn.Module, compile: bool = False):
+    def __init__(self, language_model: torch.nn.Module, compile: bool = False, fuse_products: bool = True):
         parameter = next(language_model.parameters())
         self.compile = compile and compilation.compiler_works(parameter.device, parameter.dtype)
         modules = list(language_model.modules())
         self.norms = [module for module in modules if self._fusable_norm(module)]
-        self.mlps = {module: FusedProducts.of(module, ("gate_proj", "up_proj")) if FUSE_PRODUCTS else None
+        self.mlps = {module: FusedProducts.of(module, ("gate_proj", "up_proj")) if fuse_products else None
                      for module in modules if self._gated_silu_mlp(module)}
-        self.projections = [products for module in modules if FUSE_PRODUCTS
+        self.projections = [products for module in modules if fuse_products
                             and type(module).__name__.endswith("Attention")
                             and (products := FusedProducts.of(module, ("q_proj", "k_proj", "v_proj")))]
         # transformers' attention modules call their modeling file's rotary function by its global name

@@ -1,14 +1,9 @@
-"""Forked modeling modules: subclasses of the upstream classes that add the compression points."""
+"""Adapters over the upstream transformers classes: one package per architecture, whose subclass of the upstream
+class adds the compression points (where the cache is made, where visual tokens are known and pruned) and whose
+`tiny` module builds a small random-weight checkpoint. Which packages there are: `vlmcompress.architectures`."""
 
-from .internvl import InternVLForConditionalGeneration
-from .llava_onevision import LlavaOnevisionForConditionalGeneration
-from .qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from ..architectures import ARCHITECTURES
 
-MODEL_CLASSES = {
-    "llava_onevision": LlavaOnevisionForConditionalGeneration,
-    "qwen2_vl": Qwen2VLForConditionalGeneration,
-    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-    "internvl": InternVLForConditionalGeneration,
-}
+MODEL_CLASSES = {model_type: arch.model_class for model_type, arch in ARCHITECTURES.items()}
 
-__all__ = ["MODEL_CLASSES", *(cls.__name__ for cls in MODEL_CLASSES.values())]
+__all__ = ["MODEL_CLASSES"]

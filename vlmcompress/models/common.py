@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 from transformers import DynamicCache
@@ -11,6 +10,7 @@ from transformers import DynamicCache
 from ..cache import CompressedCache
 from ..cache.full import FullCache
 from ..config import CompressionSettings
+from ..decoding.options import activated
 from ..decoding.static import ROOM, StaticDecoding, deferred_stop_check
 from ..glue import cache_argument, language_model_of, passed_cache, reject_right_padding, visual_token_ids
 
@@ -55,25 +55,25 @@ class CompressionMixin:
         elif isinstance(cache, CompressedCache):
             cache.attach(self)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        static = None
+        static, options = None, self.compression.decoding
         if self.compression.cuda_graphs and isinstance(cache, CompressedCache):
             # Compression point: decoding. The language model's decoding steps run at fixed shapes, from a CUDA graph.
             config = kwargs.get("generation_config") or self.generation_config
             room = kwargs.get("max_new_tokens") or config.max_new_tokens or ROOM
-            static = StaticDecoding(cache, language_model_of(self), room=room).install()
-        started = time.perf_counter()
+            static = StaticDecoding(cache, language_model_of(self), room=room, options=options).install()
+        deferring = static is not None and options.defer_stop_check
         try:
-            with deferred_stop_check() if static is not None else contextlib.nullcontext():
+            with activated(options), deferred_stop_check() if deferring else contextlib.nullcontext():
                 output = super().generate(*args, **kwargs)
         finally:
             if static is not None:
                 static.close()
-        self.compression_stats = self._compression_stats(cache, input_ids, output, time.perf_counter() - started)
+        self.compression_stats = self._compression_stats(cache, input_ids, output)
         return output
 
-    def _compression_stats(self, cache, input_ids, output, seconds: float) -> dict:
+    def _compression_stats(self, cache, input_ids, output) -> dict:
         prompt_tokens = int(input_ids.shape[-1]) if isinstance(input_ids, torch.Tensor) else None
-        stats = {"generate_seconds": seconds, "prompt_tokens": prompt_tokens, "compression": self.compression.describe()}
+        stats = {"prompt_tokens": prompt_tokens, "compression": self.compression.describe()}
         if isinstance(input_ids, torch.Tensor):
             visual_ids = torch.tensor(visual_token_ids(self.config), device=input_ids.device)
             stats["visual_tokens"] = int(torch.isin(input_ids, visual_ids).sum(dim=-1).max())

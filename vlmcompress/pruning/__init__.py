@@ -14,27 +14,16 @@ from .flops import prefill_flops
 from .prumerge import iqr_outlier_count, prumerge_select
 from .prumerge_plus import prumerge_plus_select
 from .visionzip import visionzip_select
+from ..registry import Registry
 
-PRUNE_METHODS: dict[str, PruneMethod] = {
-    m.METHOD.name: m.METHOD for m in (fastv, visionzip, prumerge, prumerge_plus)
-}
-_ALIASES = {alias: spec.name for spec in PRUNE_METHODS.values() for alias in spec.aliases}
+PRUNE_METHODS = Registry("visual-token pruning")
+for method in (fastv, visionzip, prumerge, prumerge_plus):
+    PRUNE_METHODS.register(method.METHOD)
 
 
 def get_method(name: str) -> PruneMethod:
     """The registry entry of `name` (case-insensitive; "prumerge_plus" etc. are aliases of "prumerge+")."""
-    if not isinstance(name, str):
-        raise ValueError(f"prune must be a method name, one of {sorted(PRUNE_METHODS)}, got {name!r}")
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in PRUNE_METHODS:
-        raise ValueError(f"unknown visual-token pruning method {name!r}; choose one of {sorted(PRUNE_METHODS)}")
-    return PRUNE_METHODS[key]
-
-
-def prune_option_names(method: str) -> set[str]:
-    """The option names `method` accepts (e.g. {"layer"} for FastV)."""
-    return set(get_method(method).options)
+    return PRUNE_METHODS.lookup(name)
 
 
 def validate_prune_args(method: str, budget=None, **options) -> tuple[str, float | int | None]:
@@ -51,7 +40,7 @@ def validate_prune_args(method: str, budget=None, **options) -> tuple[str, float
 
 
 __all__ = [
-    "PRUNE_METHODS", "PruneMethod", "Selection", "get_method", "prune_option_names", "validate_prune_args",
+    "PRUNE_METHODS", "PruneMethod", "Selection", "get_method", "validate_prune_args",
     "validate_budget", "keep_count", "allocate", "prefill_flops", "fastv_keep", "visionzip_select",
     "prumerge_select", "prumerge_plus_select", "iqr_outlier_count",
 ]

@@ -84,6 +84,9 @@ class PruneMethod:
     select: Callable | None = None  # projector methods: select(features, scores, keys, keep, **options) -> Selection
     aliases: tuple[str, ...] = ()
 
+    def option_names(self) -> set[str]:
+        return set(self.options)
+
     def resolve_options(self, options: dict) -> dict:
         unknown = set(options) - set(self.options)
         if unknown:

@@ -26,23 +26,20 @@ from .semi_structured import to_semi_structured
 from .sequential import TARGETS, StatsCollector, capture_inputs, find_stacks, model_device, run_block
 from .sparsegpt import sparsegpt_prune
 from .wanda import wanda_mask, wanda_score
+from ..registry import Registry
 
-SPARSITY_METHODS: dict[str, SparsityMethod] = {m.METHOD.name: m.METHOD for m in (magnitude, wanda, sparsegpt, ecoflap)}
-
-# Keyword options every method takes (besides its own, `SPARSITY_METHODS[name].options`).
-COMMON_OPTIONS = {"targets": ("language_model",), "num_samples": DEFAULT_NUM_SAMPLES, "progress": True,
-                  "calibration_seed": 0}
+SPARSITY_METHODS = Registry("sparsity")
+for method in (magnitude, wanda, sparsegpt, ecoflap):
+    SPARSITY_METHODS.register(method.METHOD)
 
 
 def get_method(name) -> SparsityMethod:
-    if not isinstance(name, str) or name.strip().lower() not in SPARSITY_METHODS:
-        raise ValueError(f"unknown sparsity method {name!r}; choose one of {sorted(SPARSITY_METHODS)}")
-    return SPARSITY_METHODS[name.strip().lower()]
+    return SPARSITY_METHODS.lookup(name)
 
 
 def sparsity_option_names(method: str) -> set[str]:
     """The keyword options `method` accepts (common ones and its own)."""
-    return set(COMMON_OPTIONS) | set(get_method(method).options)
+    return SPARSITY_METHODS.option_names(method)
 
 
 def validate_sparsity_args(method, ratio, pattern="unstructured"):

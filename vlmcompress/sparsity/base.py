@@ -110,6 +110,10 @@ def mask_lowest(score: torch.Tensor, ratio: float, nm: tuple[int, int] | None = 
     return mask
 
 
+# Keyword options of `sparsify` that every method takes, besides its own (`SparsityMethod.options`).
+COMMON_OPTIONS = ("targets", "num_samples", "progress", "calibration_seed")
+
+
 @dataclass(frozen=True)
 class SparsityMethod:
     """A registry entry: how a method is called and what statistics it needs from calibration.
@@ -125,3 +129,6 @@ class SparsityMethod:
     aliases: tuple[str, ...] = ()
     supports_nm: bool = True
     description: str = ""
+
+    def option_names(self) -> set[str]:
+        return set(COMMON_OPTIONS) | set(self.options)

@@ -6,8 +6,8 @@ pattern (at most 2 nonzeros in every 4 consecutive inputs of a row: prune with p
 (cuSPARSELt / CUTLASS). Needs a CUDA GPU of compute capability >= 8.0 and fp16/bf16 (or int8) weights; the
 kernels also need shape multiples (the rows and columns of the weight multiples of 64 for fp16/bf16), layers
 that do not fit are left dense and listed. Conversion is not reversible in place: save before converting.
-Measured on an H100 with PyTorch 2.11 these kernels were slower than dense bf16 matmuls at the Qwen2-7B
-shapes (docs/benchmarks.md): use it to measure, not as a default.
+These kernels have been slower than dense bf16 matmuls at the Qwen2-7B shapes (docs/benchmarks.md, "2:4
+weight sparsity"): use it to measure, not as a default.
 """
 
 from __future__ import annotations
