@@ -32,7 +32,7 @@ from vlmcompress.compilation import compiled_where_it_works  # noqa: E402
 
 
 def vlcache_pass(queries, keys, scaling, max_elements, compile, threshold=0.01):
-    """VL-Cache's per-layer scoring (`VLCacheCache.score`): column sums, and dense entries per row."""
+    """VL-Cache's per-layer scoring (`VLCache.score`): column sums, and dense entries per row."""
     statistics = compiled_where_it_works(post_vision_statistics, keys.device, keys.dtype) if compile else \
         post_vision_statistics
     scores, dense = None, 0

@@ -377,7 +377,7 @@ def test_the_prompt_masks_are_read_once_per_prompt_not_per_layer(tiny_dirs, proc
     from vlmcompress.cache import base, vlcache
 
     reads = []
-    for module, name in ((base, "key_validity_from_mask"), (vlcache.VLCacheCache, "post_vision_queries")):
+    for module, name in ((base, "key_validity_from_mask"), (vlcache.VLCache, "post_vision_queries")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, _original=original, _name=name, **kwargs:
                             reads.append(_name) or _original(*args, **kwargs))

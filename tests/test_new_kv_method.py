@@ -1,6 +1,7 @@
 """A KV method written in one small class, here, runs through `load()` and keeps every invariant of the design:
 identity at full budget, eviction equals masking, batch equals single, the budget is the budget, and its
-`kept_indices` equal a literal reference. No other file knows it (docs/design.md, "Add a KV method")."""
+`kept_indices` equal a literal reference; composed with the pyramid allocation, its budgets fall over the layers.
+No other file knows it (docs/design.md, "Add a KV method")."""
 
 from __future__ import annotations
 
@@ -12,23 +13,18 @@ from conftest import image_inputs, upstream_model
 from test_kv_cache import F64, expected_kept, generate_with_raw_logits, greedy, masked_reference_logits
 
 import vlmcompress
-from vlmcompress.cache import KV_METHODS, CompressedCache
+from vlmcompress.cache import KV_METHODS, CompressedCache, Policy, Pyramid, register_policy
 
 
 @dataclass(frozen=True)
-class KeyNormOptions:
+class KeyNorm(Policy):
+    """Keep the prompt keys of largest p-norm: score_j = ||k_j||_p, per KV head."""
+
     order: float = 2.0  # p of the p-norm
 
     def __post_init__(self):
         if isinstance(self.order, bool) or not isinstance(self.order, (int, float)) or self.order <= 0:
             raise ValueError(f"order must be a number > 0, got {self.order!r}")
-
-
-class KeyNormCache(CompressedCache):
-    """Keep the prompt keys of largest p-norm: score_j = ||k_j||_p, per KV head."""
-
-    name = "keynorm"
-    Options = KeyNormOptions
 
     def score(self, ctx):
         return torch.linalg.vector_norm(ctx.keys.double(), ord=self.order, dim=-1)
@@ -36,7 +32,7 @@ class KeyNormCache(CompressedCache):
 
 @pytest.fixture
 def keynorm():
-    KV_METHODS.register(KeyNormCache)
+    register_policy(KeyNorm, "keynorm")
     yield "keynorm"
     del KV_METHODS["keynorm"]
 
@@ -67,7 +63,7 @@ def test_kept_indices_equal_the_literal_rule(tiny_dirs, processors, keynorm, arc
     inputs = image_inputs(processors[arch])
     model = vlmcompress.load(tiny_dirs[arch], kv=keynorm, kv_budget=0.3, order=1.0, dtype=F64)
     cache = model.make_cache()
-    assert isinstance(cache, KeyNormCache) and cache.order == 1.0
+    assert isinstance(cache.policy, KeyNorm) and cache.policy.order == 1.0
     greedy(model, inputs, new_tokens=2, past_key_values=cache)
     count = expected_kept(0.3, inputs["input_ids"].shape[1])
     for layer, keys in zip(cache.layers, prompt_keys(tiny_dirs[arch], inputs)):
@@ -139,3 +135,18 @@ def test_its_options_are_checked_by_load(tiny_dirs, keynorm):
         vlmcompress.load(tiny_dirs["qwen2_vl"], kv=keynorm, order=0)
     with pytest.raises(ValueError, match=r"unknown option ord=2 .*valid options: \['order'\]"):
         vlmcompress.load(tiny_dirs["qwen2_vl"], kv=keynorm, ord=2)
+
+
+def test_an_allocation_wraps_it(tiny_dirs, processors):
+    """The pyramid allocation over this policy: per-layer budgets fall over the layers, mean exactly the budget,
+    each layer keeping its top key norms."""
+    arch = "qwen2_vl"
+    inputs = image_inputs(processors[arch])
+    model = vlmcompress.load(tiny_dirs[arch], dtype=F64)
+    cache = CompressedCache(0.3, policy=KeyNorm(), allocation=Pyramid(beta=4)).attach(model)
+    model(**inputs, past_key_values=cache)  # prefill only
+    counts = [layer.kept_indices.shape[-1] for layer in cache.layers]
+    mean = expected_kept(0.3, inputs["input_ids"].shape[1])
+    assert sum(counts) == mean * len(counts) and counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    for layer, keys, count in zip(cache.layers, prompt_keys(tiny_dirs[arch], inputs), counts):
+        assert torch.equal(layer.kept_indices, literal_kept(keys, count, 2.0))

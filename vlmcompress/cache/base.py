@@ -1,6 +1,7 @@
-"""The base of every eviction cache: budgets, the scoring hook, eviction and kept-index bookkeeping.
+"""The one eviction cache: budgets, the scoring hook, eviction and kept-index bookkeeping, for any policy.
 
-A `CompressedCache` is a `transformers.DynamicCache` whose layers shrink. Its life:
+A `CompressedCache` is a `transformers.DynamicCache` whose layers shrink, driven by a method's `Policy` (what
+to keep) and an allocation (how many per layer). Its life:
 
 1. Prefill: the attention modules run unchanged on the full prompt. Right after each
    layer's attention (a forward hook on the module) the method scores the prompt's keys,
@@ -27,7 +28,7 @@ on the model's first forward call after the cache was made.
 from __future__ import annotations
 
 import weakref
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from functools import partial
 from typing import ClassVar
 
@@ -39,12 +40,10 @@ from ..budget import validate_budget as validate_share_or_count
 from ..glue import language_model_of, reject_right_padding, visual_token_ids
 from ..scoring import key_validity_from_mask
 from . import hooks
+from .allocation import Uniform
 from .context import DecodeContext, PromptContext
 from .layer import CompressedLayer
-
-# Scores at or above this are "always keep"; they are ordered among themselves by the
-# offset added to it, so a budget smaller than the protected set keeps its best part.
-PROTECTED = 1e12
+from .policy import Policy, Scores
 
 
 def validate_budget(budget) -> float | int:
@@ -52,32 +51,23 @@ def validate_budget(budget) -> float | int:
     return validate_share_or_count(budget, "kv_budget", "prompt tokens", "tokens kept per layer")
 
 
-@dataclass(frozen=True)
-class NoOptions:
-    """The options of a method that has none."""
-
-
 class CompressedCache(DynamicCache):
-    """Base of the eviction caches. Subclasses define `score()` and, optionally, their `Options` and a layer
-    allocation.
+    """The eviction cache. A method's cache class names its `policy_class` and, where not uniform, its
+    `allocation_class`; the options of both are its keyword options (`SnapKVCache(budget=0.1, window_size=32)`).
+    Any policy and allocation also compose directly: `CompressedCache(0.1, policy=SnapKV(), allocation=Pyramid())`.
 
     budget: float in (0, 1], the share of each prompt's tokens kept (mean over layers), or
     int >= 1, tokens kept per layer (mean over layers). A budget that covers the prompt keeps it whole.
-    options: the method's `Options` (a frozen dataclass that validates its fields); each is also an attribute
-    of the cache (`SnapKVCache(window_size=8).window_size`).
     """
 
     name: ClassVar[str] = ""
-    Options: ClassVar[type] = NoOptions
-    #: retires slots during decoding to stay at the budget (H2O, StreamingLLM)
-    evicts_during_decoding: ClassVar[bool] = False
-    #: the per-layer budgets depend on every layer's statistics, so eviction waits for the last layer
-    allocation_needs_all_layers: ClassVar[bool] = False
+    policy_class: ClassVar[type[Policy] | None] = None
+    allocation_class: ClassVar[type] = Uniform
 
-    def __init__(self, budget: float | int = 0.1, **options):
-        self.budget, self.options = self.validate(budget, **options)
+    def __init__(self, budget: float | int = 0.1, *, policy: Policy | None = None, allocation=None, **options):
+        self.budget, self.policy, self.allocation = self.validate(budget, policy=policy, allocation=allocation,
+                                                                  **options)
         Cache.__init__(self, layer_class_to_replicate=CompressedLayer)
-        vars(self).update(asdict(self.options))
         self.visual_mask: torch.Tensor | None = None
         self.num_layers: int | None = None
         self._visual_ids: list[int] = []
@@ -92,46 +82,49 @@ class CompressedCache(DynamicCache):
         self.prompt_padded = False  # some prompt of the batch was left-padded
         self._prompt_validity_memo = None  # (weakref to the prompt's mask, (b, n), key_valid, real lengths)
         self.static_decoding = None  # the StaticDecoding driving this cache's decoding steps, during its generate
+        self._memo: dict = {}  # what a policy computes once per prompt (`PromptContext.memo`)
         discovery = torch.nn.modules.module.register_module_forward_pre_hook(partial(hooks.discover, weakref.ref(self)))
         self._handles.append(discovery)
         for handles in (self._handles, self._prefill_handles, self._mask_handles):
             weakref.finalize(self, hooks.remove_all, handles)
 
     def __repr__(self) -> str:
-        options = "".join(f", {name}={value!r}" for name, value in asdict(self.options).items())
-        return f"{type(self).__name__}(budget={self.budget}{options})"
+        return f"{type(self).__name__}(budget={self.budget}, policy={self.policy!r}, allocation={self.allocation!r})"
 
     @classmethod
     def option_names(cls) -> set[str]:
-        return {option.name for option in fields(cls.Options)}
+        """The keyword options: the fields of the policy and the allocation."""
+        return {option.name for part in (cls.policy_class, cls.allocation_class) if part for option in fields(part)}
 
     @classmethod
-    def validate(cls, budget: float | int = 0.1, **options) -> tuple[float | int, object]:
-        """The budget and the method's `Options`, checked as the constructor checks them, without making a cache;
-        a `ValueError` naming the valid values otherwise."""
-        unknown = sorted(set(options) - cls.option_names())
+    def validate(cls, budget: float | int = 0.1, policy: Policy | None = None, allocation=None,
+                 **options) -> tuple[float | int, Policy, object]:
+        """The budget, policy and allocation, checked (and built from `options`) as the constructor does, without
+        making a cache; a `ValueError` naming the valid values otherwise."""
+        parts = {"policy": (policy, cls.policy_class), "allocation": (allocation, cls.allocation_class)}
+        built, valid = {}, set()
+        for role, (given, part_class) in parts.items():
+            names = {option.name for option in fields(part_class)} if given is None and part_class else set()
+            valid |= names
+            if given is None and part_class is None:
+                raise ValueError(f"{cls.__name__} has no policy of its own: pass policy=")
+            built[role] = given if given is not None else part_class(
+                **{name: value for name, value in options.items() if name in names})
+        unknown = sorted(set(options) - valid)
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for kv={cls.name!r}; valid options: "
-                             f"{sorted(cls.option_names())}")
-        return validate_budget(budget), cls.Options(**options)
+            raise ValueError(f"unknown option(s) {unknown} for kv={cls.name or cls.__name__!r}; valid options: "
+                             f"{sorted(valid)}")
+        return validate_budget(budget), built["policy"], built["allocation"]
 
-    # ----- what a method defines -------------------------------------------------------------
-    def score(self, ctx: PromptContext) -> torch.Tensor:
-        """Importance of each prompt key, `[b, kv_heads, n]` (float64); higher is kept first."""
-        raise NotImplementedError
+    def describe(self) -> dict:
+        """The policy's and the allocation's options."""
+        return {**asdict(self.policy), **asdict(self.allocation)}
 
-    def layer_budgets(self, ctx: PromptContext) -> torch.Tensor:
-        """Tokens to keep in `ctx.layer_idx` per sample, `[b]` on the CPU. Default: the mean budget everywhere."""
-        return ctx.budget
+    @property
+    def evicts_during_decoding(self) -> bool:
+        return self.policy.evicts_during_decoding
 
-    def allocate_all_layers(self, contexts: list[PromptContext]) -> list[torch.Tensor]:
-        """Per-layer budgets when `allocation_needs_all_layers`: a list over layers of `[b]` on the CPU."""
-        raise NotImplementedError
-
-    def decode_scores(self, ctx: DecodeContext) -> torch.Tensor:
-        """For decode-time methods: scores of the held slots `[b, h, slots]` after this step."""
-        raise NotImplementedError
-
+    # ----- budgets --------------------------------------------------------------------------
     def decode_capacity(self, layer_budget: torch.Tensor) -> torch.Tensor | None:
         """Slots a sample may hold while decoding: its prefill budget (an int budget as given, even
         above the prompt length); None, never evict, for a budget of 1.0."""
@@ -139,7 +132,6 @@ class CompressedCache(DynamicCache):
             return None if self.budget >= 1.0 else layer_budget
         return torch.full_like(layer_budget, self.budget)
 
-    # ----- budgets --------------------------------------------------------------------------
     def budget_tokens(self, real_length: torch.Tensor) -> torch.Tensor:
         """The mean number of tokens kept per layer for prompts of `real_length` `[b]` tokens."""
         if isinstance(self.budget, float):
@@ -263,19 +255,21 @@ class CompressedCache(DynamicCache):
             visual_mask=visual.to(keys.device) if visual is not None else None,
             budget=self.budget_tokens(real),
             real_length=real,
+            memo=self._memo,
         )
-        scores = self.score(ctx)
+        scores = self.policy.score(ctx)
+        scores = scores if isinstance(scores, Scores) else Scores(scores)
         if key_valid is not None:
-            scores = scores.masked_fill(~key_valid[:, None], float("-inf"))
-        if not self.allocation_needs_all_layers:
-            self._evict_prompt(layer, ctx, scores, self.layer_budgets(ctx))
+            scores.ranking = scores.ranking.masked_fill(~key_valid[:, None], float("-inf"))
+        if not self.allocation.needs_all_layers:
+            self._evict_prompt(layer, ctx, scores, self.allocation.layer_budgets(self.policy, ctx))
             return
         # Waiting for the other layers' statistics: keep what eviction needs, not the activations.
         ctx.hidden_states, ctx.position_embeddings, ctx._queries = None, None, {}
         self._pending[ctx.layer_idx] = (layer, ctx, scores)
         if len(self._pending) == ctx.num_layers:
             pending = [self._pending[i] for i in sorted(self._pending)]
-            budgets = self.allocate_all_layers([c for _, c, _ in pending])
+            budgets = self.allocation.allocate_all_layers([c for _, c, _ in pending], [s for _, _, s in pending])
             for (pending_layer, pending_ctx, pending_scores), budget in zip(pending, budgets):
                 self._evict_prompt(pending_layer, pending_ctx, pending_scores, budget)
             self._pending.clear()
@@ -295,8 +289,9 @@ class CompressedCache(DynamicCache):
         key_valid, real = memo[2], memo[3]
         return (key_valid.to(device) if key_valid is not None else None), real
 
-    def _evict_prompt(self, layer: CompressedLayer, ctx: PromptContext, scores: torch.Tensor, kept: torch.Tensor):
-        """Keep the top-`kept[b]` (on the CPU) scored keys of each sample and KV head; free the rest."""
+    def _evict_prompt(self, layer: CompressedLayer, ctx: PromptContext, scored: Scores, kept: torch.Tensor):
+        """Keep the top-`kept[b]` (on the CPU) ranked keys of each sample and KV head; free the rest."""
+        scores = scored.ranking
         width = int(kept.max())
         ranked = scores.topk(width, dim=-1).indices  # [b, h, width], best first
         slots, order = ranked.sort(dim=-1)
@@ -310,7 +305,7 @@ class CompressedCache(DynamicCache):
                 valid &= ctx.key_valid[:, None].expand_as(scores).gather(-1, slots)
         layer.positions = torch.arange(ctx.length, device=slots.device).expand_as(scores)
         layer.slot_valid = None
-        layer.scores = self._initial_decode_scores(ctx, scores)
+        layer.scores = scored.running
         if width < ctx.length:
             layer.keep(slots)
         else:  # every slot is kept (slots are 0..n-1): gathering would copy the whole cache for nothing
@@ -328,16 +323,12 @@ class CompressedCache(DynamicCache):
         else:
             layer.positions = None  # only decode-time eviction needs to know where each slot came from
 
-    def _initial_decode_scores(self, ctx: PromptContext, scores: torch.Tensor) -> torch.Tensor | None:
-        """Running scores carried into decoding (H2O's accumulated attention); None by default."""
-        return None
-
     # ----- decoding -------------------------------------------------------------------------
     def _on_decode(self, module, layer: CompressedLayer, arguments: dict) -> None:
         if not self.evicts_during_decoding or layer.capacity is None:
             return
         ctx = DecodeContext(module, layer, arguments["hidden_states"], arguments["position_embeddings"])
-        layer.retire(self.decode_scores(ctx))
+        layer.retire(self.policy.decode_scores(ctx))
 
     def decode_attention_mask(self, module, layer: CompressedLayer, query_length: int, dtype):
         """The mask one decoding forward of `layer` needs, in the form `module`'s attention expects

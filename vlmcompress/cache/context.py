@@ -26,6 +26,8 @@ class PromptContext:
     # off the device in every layer would make the host wait for each layer before queueing the next.
     budget: torch.Tensor  # [b] the sample's mean budget in tokens, on the CPU
     real_length: torch.Tensor  # [b] prompt length without padding, on the CPU
+    # What a policy computes once per prompt and reuses in every layer (keyed as it likes); the cache keeps it.
+    memo: dict = field(default_factory=dict, repr=False)
     _queries: dict = field(default_factory=dict, repr=False)
 
     @property

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PROTECTED, CompressedCache
+from .base import CompressedCache
 from .context import DecodeContext, PromptContext
+from .policy import PROTECTED, Policy, Scores
 
 
 def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int | torch.Tensor,
@@ -26,33 +27,32 @@ def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int |
 
 
 @dataclass(frozen=True)
-class H2OOptions:
+class H2O(Policy):
     recent_ratio: float = 0.5  # the share of the budget kept as the most recent tokens
+
+    evicts_during_decoding = True
 
     def __post_init__(self):
         ratio = self.recent_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
             raise ValueError(f"recent_ratio must be in [0, 1] (share of the budget kept as recent tokens), got {ratio!r}")
 
-
-class H2OCache(CompressedCache):
-    name = "h2o"
-    Options = H2OOptions
-    evicts_during_decoding = True
-
     def recent_tokens(self, budget: torch.Tensor) -> torch.Tensor:
         return torch.floor(budget.double() * self.recent_ratio).long().clamp(min=1)
 
-    def score(self, ctx: PromptContext) -> torch.Tensor:
-        ctx.accumulated = ctx.accumulated_attention(ctx.length)
-        positions = torch.arange(ctx.length, device=ctx.keys.device).expand_as(ctx.accumulated)
-        return _protect_recent(ctx.accumulated, positions, ctx.length - 1, self.recent_tokens(self.layer_budgets(ctx)))
-
-    def _initial_decode_scores(self, ctx: PromptContext, scores: torch.Tensor) -> torch.Tensor:
-        return ctx.accumulated
+    def score(self, ctx: PromptContext) -> Scores:
+        accumulated = ctx.accumulated_attention(ctx.length)
+        positions = torch.arange(ctx.length, device=ctx.keys.device).expand_as(accumulated)
+        ranking = _protect_recent(accumulated, positions, ctx.length - 1, self.recent_tokens(ctx.budget))
+        return Scores(ranking, running=accumulated)
 
     def decode_scores(self, ctx: DecodeContext) -> torch.Tensor:
         layer = ctx.layer
         layer.scores += ctx.accumulated_attention()  # in place: the layer owns this buffer
         recent = self.recent_tokens(layer.capacity)
         return _protect_recent(layer.scores, layer.positions, layer.newest_position(), recent)
+
+
+class H2OCache(CompressedCache):
+    name = "h2o"
+    policy_class = H2O

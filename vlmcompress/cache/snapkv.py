@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import PROTECTED, CompressedCache
+from .base import CompressedCache
 from .context import PromptContext
+from .policy import PROTECTED, Policy
 
 
 @dataclass(frozen=True)
-class SnapKVOptions:
+class SnapKV(Policy):
     window_size: int = 32  # w: the observation window, the last w prompt tokens
     kernel_size: int = 5  # the pooling's width
     pooling: str = "avgpool"  # or "maxpool"
@@ -30,11 +31,6 @@ class SnapKVOptions:
         if self.pooling not in ("avgpool", "maxpool"):
             raise ValueError(f"pooling must be 'avgpool' or 'maxpool', got {self.pooling!r}")
 
-
-class SnapKVCache(CompressedCache):
-    name = "snapkv"
-    Options = SnapKVOptions
-
     def window(self, ctx: PromptContext) -> int:
         shortest = int(ctx.real_length.min())
         if self.window_size > shortest:
@@ -43,6 +39,9 @@ class SnapKVCache(CompressedCache):
                 f"pass a window_size <= {shortest}"
             )
         return self.window_size
+
+    def always_kept(self, ctx: PromptContext) -> int:
+        return self.window(ctx)
 
     def pool(self, votes: torch.Tensor) -> torch.Tensor:
         b, h, n = votes.shape
@@ -54,7 +53,7 @@ class SnapKVCache(CompressedCache):
             pooled = F.max_pool1d(flat, self.kernel_size, stride=1, padding=pad)
         return pooled.reshape(b, h, n)
 
-    def window_scores(self, ctx: PromptContext) -> torch.Tensor:
+    def score(self, ctx: PromptContext) -> torch.Tensor:
         """Pooled observation-window attention on the prefix; the window itself protected."""
         w = self.window(ctx)
         n = ctx.length
@@ -63,5 +62,7 @@ class SnapKVCache(CompressedCache):
         window = PROTECTED + torch.arange(n - w, n, device=votes.device, dtype=votes.dtype)
         return torch.cat([prefix, window.expand(*votes.shape[:2], w)], dim=-1)
 
-    def score(self, ctx: PromptContext) -> torch.Tensor:
-        return self.window_scores(ctx)
+
+class SnapKVCache(CompressedCache):
+    name = "snapkv"
+    policy_class = SnapKV

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PROTECTED, CompressedCache
+from .base import CompressedCache
 from .context import DecodeContext, PromptContext
 from .layer import first_valid
+from .policy import PROTECTED, Policy
 
 
 def sinks_then_newest(positions: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -23,18 +24,14 @@ def sinks_then_newest(positions: torch.Tensor, sinks: torch.Tensor) -> torch.Ten
 
 
 @dataclass(frozen=True)
-class StreamingLLMOptions:
+class StreamingLLM(Policy):
     sink_tokens: int = 4  # the attention sinks: the first tokens, always kept
+
+    evicts_during_decoding = True
 
     def __post_init__(self):
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
-
-
-class StreamingLLMCache(CompressedCache):
-    name = "streamingllm"
-    Options = StreamingLLMOptions
-    evicts_during_decoding = True
 
     def score(self, ctx: PromptContext) -> torch.Tensor:
         b, h, n, _ = ctx.keys.shape
@@ -46,3 +43,8 @@ class StreamingLLMCache(CompressedCache):
         # the sinks are the earliest valid slots, which this method never retires
         layer = ctx.layer
         return sinks_then_newest(layer.positions, layer.earliest_valid(self.sink_tokens))
+
+
+class StreamingLLMCache(CompressedCache):
+    name = "streamingllm"
+    policy_class = StreamingLLM

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from ..compilation import compiled_where_it_works
-from .allocation import integer_allocation
+from .allocation import Density
 from .base import CompressedCache
 from .context import PromptContext
+from .policy import Policy, Scores
 
 
 @dataclass(frozen=True)
-class VLCacheOptions:
+class VLCache(Policy):
     threshold: float = 0.01  # an attention entry is dense at >= threshold x its row's maximum
     window_size: int = 32  # the queries that score a prompt without visual tokens: its last window_size
 
@@ -33,16 +34,6 @@ class VLCacheOptions:
             raise ValueError(f"threshold must be in (0, 1) (share of a row's maximum attention), got {threshold!r}")
         if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
             raise ValueError(f"window_size must be an int >= 1, got {self.window_size!r}")
-
-
-class VLCacheCache(CompressedCache):
-    name = "vlcache"
-    Options = VLCacheOptions
-    allocation_needs_all_layers = True
-
-    def __init__(self, budget: float | int = 0.1, **options):
-        super().__init__(budget, **options)
-        self._post_vision_memo = None
 
     def post_vision_queries(self, ctx: PromptContext) -> torch.Tensor:
         """`[b, n]` True on each sample's post-vision prompt positions: after its last visual token, or, for a
@@ -69,21 +60,21 @@ class VLCacheCache(CompressedCache):
     def post_vision_rows(self, ctx: PromptContext) -> tuple[torch.Tensor, int, bool]:
         """`(post, last, every_row)`: `[b, last]` True on the post-vision rows among the last `last` prompt
         positions (the longest post-vision span), and whether all of them are. Every layer has the same, so
-        it is read off the device once per prompt rather than in each layer."""
+        it is read off the device once per prompt (`ctx.memo`) rather than in each layer."""
         key = (ctx.visual_mask, ctx.keys.shape[0], ctx.length)
-        memo = self._post_vision_memo
+        memo = ctx.memo.get("post_vision")
         if memo is None or memo[0][0] is not key[0] or memo[0][1:] != key[1:]:
             post = self.post_vision_queries(ctx)
             last = int((ctx.length - post.float().argmax(dim=-1)).max())
             post = post[:, -last:]
-            memo = self._post_vision_memo = (key, post, last, bool(post.all()))
+            memo = ctx.memo["post_vision"] = (key, post, last, bool(post.all()))
         post, last, every_row = memo[1:]
         return post.to(ctx.keys.device), last, every_row
 
-    def score(self, ctx: PromptContext) -> torch.Tensor:
-        """The post-vision attention each key receives, `[b, h, n]`; sets `ctx.density`, the share of the
-        visible post-vision attention entries >= threshold x their row's maximum, `[b]`. One pass over
-        the attention serves both."""
+    def score(self, ctx: PromptContext) -> Scores:
+        """The post-vision attention each key receives, `[b, h, n]`, and its density: the share of the visible
+        post-vision attention entries >= threshold x their row's maximum, `[b]`. One pass over the attention
+        serves both."""
         post, last, every_row = self.post_vision_rows(ctx)
         statistics = compiled_where_it_works(post_vision_statistics, ctx.keys.device, ctx.keys.dtype)
         statistics = functools.partial(statistics, threshold=self.threshold)
@@ -95,8 +86,8 @@ class VLCacheCache(CompressedCache):
             scores = part if scores is None else scores + part
             dense = dense + kept
         heads = ctx.queries(last).shape[1]
-        ctx.density = dense.double() / (self.visible_keys(ctx, post) * heads).clamp(min=1)
-        return scores
+        density = dense.double() / (self.visible_keys(ctx, post) * heads).clamp(min=1)
+        return Scores(scores, density=density)
 
     @staticmethod
     def visible_keys(ctx: PromptContext, post: torch.Tensor) -> torch.Tensor:
@@ -107,14 +98,11 @@ class VLCacheCache(CompressedCache):
         seen_up_to = key_valid.long().cumsum(dim=-1)[:, -post.shape[-1]:]  # [b, last]
         return (seen_up_to * post).sum(dim=-1).double()
 
-    def allocate_all_layers(self, contexts: list[PromptContext]) -> list[torch.Tensor]:
-        first = contexts[0]
-        # one device-to-host copy of every layer's densities (not one per layer and sample)
-        densities = torch.stack([ctx.density for ctx in contexts], dim=1).tolist()  # [b][layer]
-        per_sample = [integer_allocation(row, int(mean) * len(contexts), upper=int(length), lower=1)
-                      for row, mean, length in zip(densities, first.budget.tolist(), first.real_length.tolist())]
-        counts = torch.tensor(per_sample, device=first.budget.device)  # [b, layers]
-        return list(counts.T)
+
+class VLCacheCache(CompressedCache):
+    name = "vlcache"
+    policy_class = VLCache
+    allocation_class = Density
 
 
 def post_vision_statistics(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
