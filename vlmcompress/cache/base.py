@@ -28,7 +28,7 @@ on the model's first forward call after the cache was made.
 from __future__ import annotations
 
 import weakref
-from dataclasses import asdict, fields
+from dataclasses import fields
 from functools import partial
 from typing import ClassVar
 
@@ -68,10 +68,11 @@ class CompressedCache(DynamicCache):
         self.budget, self.policy, self.allocation = self.validate(budget, policy=policy, allocation=allocation,
                                                                   **options)
         Cache.__init__(self, layer_class_to_replicate=CompressedLayer)
+        self.evicts_during_decoding = self.policy.evicts_during_decoding  # read at every eager decoding step
         self.visual_mask: torch.Tensor | None = None
         self.num_layers: int | None = None
         self._visual_ids: list[int] = []
-        self._pending: dict[int, tuple[CompressedLayer, PromptContext, torch.Tensor]] = {}
+        self._pending: dict[int, tuple[CompressedLayer, PromptContext, Scores]] = {}  # layers awaiting allocation
         self._handles: list = []
         # Hooks only prefill needs, or only batches with padding need: dropped once the prompt is
         # compressed, so that decoding runs the attention modules without Python hooks.
@@ -115,14 +116,6 @@ class CompressedCache(DynamicCache):
             raise ValueError(f"unknown option(s) {unknown} for kv={cls.name or cls.__name__!r}; valid options: "
                              f"{sorted(valid)}")
         return validate_budget(budget), built["policy"], built["allocation"]
-
-    def describe(self) -> dict:
-        """The policy's and the allocation's options."""
-        return {**asdict(self.policy), **asdict(self.allocation)}
-
-    @property
-    def evicts_during_decoding(self) -> bool:
-        return self.policy.evicts_during_decoding
 
     # ----- budgets --------------------------------------------------------------------------
     def decode_capacity(self, layer_budget: torch.Tensor) -> torch.Tensor | None:

@@ -1,4 +1,5 @@
-"""What every forked architecture shares: the compression settings and the point where the cache is made."""
+"""What every adapter over an upstream class shares: the compression settings, the point where the cache is
+made, static decoding around `generate`, and `compression_stats`."""
 
 from __future__ import annotations
 

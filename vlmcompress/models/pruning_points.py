@@ -5,7 +5,9 @@ position ids / rotary phases, attention mask and the KV cache of the affected la
 masked. Survivors keep their *original* positions (1-D, or Qwen2-VL's 3-D M-RoPE positions), so decoding
 continues at the positions `generate` counts, and the cache stays consistent whatever eviction cache runs.
 
-Two points, both forward hooks on upstream modules (no upstream method is copied):
+Two points, both forward hooks on upstream modules (no upstream method is copied); this module holds the hooks
+and the prompt's state, `pruning_selection` what stays, `pruning_layout` the pruned sequence's layout, and each
+architecture's `VisionAdapter` where its visual tokens come from:
 
 - projector side (VisionZip, PruMerge, PruMerge+): a hook on the vision encoder's feature layer captures
   that layer's attention scores and keys (recomputed from its inputs); the architecture's adapter maps them
@@ -26,104 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding.grouped_sdpa import GROUPED_SDPA
-from ..glue import CACHE_ARGUMENTS, additive_mask, bind_attention_arguments, language_model_of, passed_cache, \
-    visual_token_ids
-from ..pruning import allocate, fastv_keep, get_method, keep_count
+from ..glue import CACHE_ARGUMENTS, bind_attention_arguments, language_model_of, passed_cache, visual_token_ids
+from ..pruning import get_method
 from ..pruning.scores import last_token_attention, vision_scores
-
-
-# ----- layout helpers ---------------------------------------------------------------------------------
-def left_padded_layout(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For keep `[b, L]` (bool) the gather index `[b, L']` of the kept positions, left-padded to the longest
-    sample, and which slots are real `[b, L']`."""
-    counts = keep.sum(dim=1)
-    width = int(counts.max())
-    pad = width - counts  # [b]
-    slots = torch.arange(width, device=keep.device)[None].expand(keep.shape[0], -1)
-    valid = slots >= pad[:, None]
-    # the k-th kept position of each row, for slot pad + k
-    order = (~keep).to(torch.int8).argsort(dim=1, stable=True)  # kept positions first, ascending
-    rank = (slots - pad[:, None]).clamp(min=0)
-    index = order.gather(1, rank)
-    return index, valid
-
-
-def gather_sequence(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Gather `index` `[b, L']` along the sequence `dim` of `tensor`, whose batch dim precedes `dim`
-    (a leading broadcast batch of 1 is expanded)."""
-    dim = dim % tensor.dim()
-    batch_dim = dim - 1
-    shape = list(tensor.shape)
-    if shape[batch_dim] == 1 and index.shape[0] > 1:
-        shape[batch_dim] = index.shape[0]
-        tensor = tensor.expand(*shape)
-    view = [1] * tensor.dim()
-    view[batch_dim], view[dim] = index.shape[0], index.shape[1]
-    expanded = list(tensor.shape)
-    expanded[dim] = index.shape[1]
-    return tensor.gather(dim, index.to(tensor.device).view(view).expand(expanded))
-
-
-def attention_mask_for(config, key_valid: torch.Tensor, query_length: int, dtype) -> torch.Tensor | None:
-    """The mask an attention layer needs for `query_length` queries ending the held keys `[b, kv]`, in the
-    form its implementation expects (2-D padding mask for flash-attention, additive 4-D otherwise)."""
-    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
-    all_valid = bool(key_valid.all())
-    if "flash" in implementation:
-        return None if all_valid else key_valid.long()
-    if implementation not in ("sdpa", GROUPED_SDPA, "eager"):
-        raise NotImplementedError(f"FastV supports sdpa, eager and flash attention, not {implementation!r}")
-    if all_valid and query_length == 1:
-        return None
-    kv = key_valid.shape[-1]
-    slots = torch.arange(kv, device=key_valid.device)
-    query_slots = kv - query_length + torch.arange(query_length, device=key_valid.device)
-    allowed = key_valid[:, None, None, :] & (slots[None, :] <= query_slots[:, None])[None, None]
-    return additive_mask(allowed, dtype)
-
-
-# ----- what an architecture says ------------------------------------------------------------------------
-@dataclass
-class TokenMaps:
-    """Per-token vision statistics of one modality, in the order the projector's features are scattered into
-    the prompt: scores `[n]`, keys `[n, heads, head_dim]`, protected `[n]` (never pruned), and the number of
-    tokens of each image/video (None: each contiguous run of placeholder tokens is one)."""
-
-    scores: torch.Tensor
-    keys: torch.Tensor
-    protected: torch.Tensor
-    lengths: list[int] | None = None
-
-
-class VisionAdapter:
-    """Where an architecture's visual tokens come from; one subclass per forked model module."""
-
-    score_mode = "mean"  # "cls" where the encoder has a [CLS] token
-
-    def encoder_layers(self, model) -> torch.nn.ModuleList:
-        raise NotImplementedError
-
-    def default_layer(self, model) -> int:
-        """Index of the encoder layer that produces the features the projector reads."""
-        return len(self.encoder_layers(model)) - 1
-
-    def attention_module(self, layer: torch.nn.Module) -> torch.nn.Module:
-        return layer.self_attn
-
-    def queries_keys(self, module, arguments: dict) -> tuple[torch.Tensor, torch.Tensor, float, list | None]:
-        """(queries, keys `[B, H, N, D]`, scaling, attention segments) that `module` computed."""
-        raise NotImplementedError
-
-    def token_maps(self, model, calls: dict) -> dict[str, TokenMaps]:
-        """Map what each vision call captured to the tokens of its modality. `calls[modality]` is
-        `(inputs, records)`: the arguments `get_{modality}_features` was called with, and the per-patch
-        `(scores [B, N], keys [B, N, H, D])` of each encoder pass it made."""
-        raise NotImplementedError
-
-    def protected_tokens(self, model, calls: dict) -> dict[str, torch.Tensor]:
-        """Flat bool masks over each modality's placeholder tokens that must never be dropped."""
-        return {}
+from .pruning_layout import attention_mask_for, gather_sequence, left_padded_layout
+from .pruning_selection import segments_of, select_fastv, select_projector
+from .vision_adapter import VisionAdapter
 
 
 # ----- per-prompt state ---------------------------------------------------------------------------------
@@ -287,50 +197,9 @@ class PruningRuntime:
             )
         embeds = embeds.clone()
         keep = ~st.visual
-        batch = embeds.shape[0]
-        segments: list[list] = [[] for _ in range(batch)]  # per sample: (positions, map slice)
-        for modality, tmap in maps.items():
-            token_id = self._token_id(modality)
-            where = (st.input_ids == token_id)
-            positions = where.nonzero()  # row-major: the order features are scattered in
-            if positions.shape[0] != tmap.scores.shape[0]:
-                raise RuntimeError(
-                    f"{modality} tokens in the prompt ({positions.shape[0]}) differ from the tokens the projector "
-                    f"produced ({tmap.scores.shape[0]}): cannot map attention scores to prompt positions"
-                )
-            st.protected[where] = tmap.protected.to(st.protected.device)
-            lengths = tmap.lengths or _run_lengths(where)
-            start = 0
-            for length in lengths:
-                rows = positions[start:start + length]
-                if not bool((rows[:, 0] == rows[0, 0]).all()):
-                    raise RuntimeError("an image's tokens span two samples of the batch")
-                segments[int(rows[0, 0])].append((rows[:, 1], slice(start, start + length), tmap))
-                start += length
-        kept_total = []
-        for b, sample in enumerate(segments):
-            prunable = [(~tm.protected[sl]) for _, sl, tm in sample]
-            sizes = [int(p.sum()) for p in prunable]
-            if self.budget is None:
-                counts = [None] * len(sample)
-            else:
-                counts = allocate(keep_count(self.budget, sum(sizes)), sizes)
-            kept_here = 0
-            for (cols, sl, tmap), free, count in zip(sample, prunable, counts):
-                keep[b, cols[~free]] = True
-                kept_here += int((~free).sum())
-                free_cols = cols[free]
-                if free_cols.numel() == 0:
-                    continue
-                selection = self.spec.select(
-                    embeds[b, free_cols], tmap.scores[sl][free].to(embeds.device),
-                    tmap.keys[sl][free].to(embeds.device), keep=count, **self.options,
-                )
-                chosen = free_cols[selection.indices.to(free_cols.device)]
-                keep[b, chosen] = True
-                embeds[b, chosen] = selection.features.to(embeds.dtype)
-                kept_here += chosen.numel()
-            kept_total.append(kept_here)
+        segments = segments_of(maps, st.input_ids, {modality: self._token_id(modality) for modality in maps},
+                               st.protected)
+        kept_total = select_projector(self.spec, self.budget, self.options, embeds, keep, segments)
         if not self._finish(keep):
             return None
         self.last_stats["visual_tokens"] = max(kept_total) if kept_total else 0
@@ -347,15 +216,7 @@ class PruningRuntime:
         self.calls = {}
         attention = last_token_attention(module, hidden, arguments["position_embeddings"],
                                          arguments.get("attention_mask"))
-        keep = ~st.visual | st.protected
-        kept_total = []
-        for b in range(hidden.shape[0]):
-            free = (st.visual[b] & ~st.protected[b]).nonzero().squeeze(-1)
-            count = keep_count(self.budget, free.numel())
-            if free.numel():
-                chosen = free[fastv_keep(attention[b, free].to(torch.float64), count).to(free.device)]
-                keep[b, chosen] = True
-            kept_total.append(int((keep[b] & st.visual[b]).sum()))
+        keep, kept_total = select_fastv(attention, st.visual, st.protected, self.budget)
         if self._finish(keep):
             k = self.options["layer"]
             layers = self.text_config.num_hidden_layers
@@ -372,17 +233,6 @@ def _bind(function, ref, needs_state: bool = True):
         return function(runtime, *args)
 
     return hook
-
-
-def _run_lengths(where: torch.Tensor) -> list[int]:
-    """Lengths of the contiguous runs of True in `where` `[b, L]`, row-major."""
-    lengths = []
-    for row in where:
-        padded = torch.cat([row.new_zeros(1), row, row.new_zeros(1)]).to(torch.int8)
-        edges = padded.diff()
-        starts, ends = (edges == 1).nonzero().squeeze(-1), (edges == -1).nonzero().squeeze(-1)
-        lengths += (ends - starts).tolist()
-    return lengths
 
 
 # ----- hooks ------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """InternVL (pixel-shuffled tiles plus a thumbnail; Qwen2 or Llama-style language model).
 
-Compression points added to the upstream class:
+An adapter over the upstream transformers class (a subclass; no upstream method is copied) adding the
+compression points:
 - the KV cache (`CompressionMixin.generate`): created and hooked into the language model's attention.
 - visual-token pruning (`PruningMixin`): InternViT has a [CLS] token, so scores are the [CLS] attention of
   the feature layer. A language-model token is a pixel-shuffled 2x2 group of patches; pushing the per-patch
@@ -14,7 +15,8 @@ import torch
 from transformers.models.internvl import modeling_internvl as upstream
 
 from ..common import CompressionMixin
-from ..pruning_points import PruningMixin, TokenMaps, VisionAdapter
+from ..pruning_points import PruningMixin
+from ..vision_adapter import TokenMaps, VisionAdapter
 
 
 class InternVLAdapter(VisionAdapter):

@@ -1,6 +1,7 @@
 """LLaVA-OneVision (Qwen2 language model; anyres tiles, image-newline tokens, pooled video frames).
 
-Compression points added to the upstream class:
+An adapter over the upstream transformers class (a subclass; no upstream method is copied) adding the
+compression points:
 - the KV cache (`CompressionMixin.generate`): created and hooked into the Qwen2 attention layers.
 - visual-token pruning (`PruningMixin`): the SigLIP feature layer's attention (SigLIP has no [CLS], so the
   mean attention each patch receives) and keys are mapped to the projector's tokens by pushing them through
@@ -15,7 +16,8 @@ import torch
 from transformers.models.llava_onevision import modeling_llava_onevision as upstream
 
 from ..common import CompressionMixin
-from ..pruning_points import PruningMixin, TokenMaps, VisionAdapter
+from ..pruning_points import PruningMixin
+from ..vision_adapter import TokenMaps, VisionAdapter
 
 
 def video_frames(inputs: dict) -> torch.Tensor:

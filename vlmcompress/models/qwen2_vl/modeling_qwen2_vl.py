@@ -1,6 +1,7 @@
 """Qwen2-VL and Qwen2.5-VL (Qwen2 language model with M-RoPE 3-D positions; dynamic resolution).
 
-Compression points added to the upstream classes:
+Adapters over the upstream transformers classes (subclasses; no upstream method is copied) adding the
+compression points:
 - the KV cache (`CompressionMixin.generate`). The cache reports tokens *seen* as its sequence
   length, so the rope deltas and 3-D positions of decoded tokens stay the uncompressed ones.
 - visual-token pruning (`PruningMixin`): a language-model token is a 2x2 group of patches merged by the
@@ -19,7 +20,8 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as upstream_2_5
 from transformers.models.qwen2_vl import modeling_qwen2_vl as upstream
 
 from ..common import CompressionMixin
-from ..pruning_points import PruningMixin, TokenMaps, VisionAdapter
+from ..pruning_points import PruningMixin
+from ..vision_adapter import TokenMaps, VisionAdapter
 
 
 class Qwen2VLAdapter(VisionAdapter):
