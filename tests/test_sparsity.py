@@ -168,6 +168,27 @@ def test_bad_arguments(method, ratio, pattern, words):
         assert word in str(error.value)
 
 
+@pytest.mark.parametrize("method, pattern, options, words", [
+    ("magnitude", "unstructured", {"comparison": "column"}, ["comparison", "layer", "row"]),
+    ("sparsegpt", "4:8", {"blocksize": 12}, ["blocksize", "multiple of M"]),
+    ("ecoflap", "unstructured", {"max_layer_ratio": 0.4}, ["max_layer_ratio"]),
+    ("wanda", "unstructured", {"blocksize": 64}, ["valid options"]),
+    ("wanda", "unstructured", {"targets": "decoder"}, ["language_model"]),
+])
+def test_bad_options_fail_in_load_before_any_weight_is_read(tmp_path, monkeypatch, method, pattern, options, words):
+    import vlmcompress
+    from vlmcompress.models import MODEL_CLASSES
+    from vlmcompress.testing import save_tiny_model
+
+    path = save_tiny_model("qwen2_vl", tmp_path / "qwen2_vl")
+    monkeypatch.setattr(MODEL_CLASSES["qwen2_vl"], "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: pytest.fail("the weights were read")))
+    with pytest.raises(ValueError) as error:
+        vlmcompress.load(str(path), sparsity=method, sparsity_ratio=0.5, sparsity_pattern=pattern, **options)
+    for word in words:
+        assert word in str(error.value)
+
+
 def test_valid_arguments():
     assert validate_sparsity_args("Wanda", 0.5, "2:4") == ("wanda", 0.5, (2, 4))
     assert validate_sparsity_args("sparsegpt", 0.5, "4:8") == ("sparsegpt", 0.5, (4, 8))

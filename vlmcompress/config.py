@@ -155,7 +155,7 @@ def build_settings(
     if sparsity is not None:
         from .sparsity import validate_sparsity_args
 
-        validate_sparsity_args(sparsity, sparsity_ratio, sparsity_pattern)
+        validate_sparsity_args(sparsity, sparsity_ratio, sparsity_pattern, **routed["sparsity"])
         sparsity_settings = SparsitySettings(sparsity, sparsity_ratio, sparsity_pattern, calibration, routed["sparsity"])
     return CompressionSettings(kv_settings, prune_settings, sparsity_settings, cuda_graphs,
                                decoding or DecodingOptions())

@@ -15,7 +15,7 @@ import types
 
 from . import ecoflap, magnitude, sparsegpt, wanda
 from .base import (
-    PATTERNS, SparsityMethod, check_nm_divides, check_nm_ratio, mask_lowest, parse_pattern, prune_count,
+    COMMON_OPTIONS, PATTERNS, SparsityMethod, check_nm_divides, check_nm_ratio, mask_lowest, parse_pattern, prune_count,
     validate_ratio,
 )
 from .calibration import DEFAULT_NUM_SAMPLES, default_calibration, prepare_calibration, synthetic_sample
@@ -42,12 +42,13 @@ def sparsity_option_names(method: str) -> set[str]:
     return SPARSITY_METHODS.option_names(method)
 
 
-def validate_sparsity_args(method, ratio, pattern="unstructured"):
-    """Check method, ratio and pattern; return (method name, ratio as float, (N, M) or None).
+def validate_sparsity_args(method, ratio, pattern="unstructured", **options):
+    """Check method, ratio, pattern and options; return (method name, ratio as float, (N, M) or None).
 
     ValueError (naming the valid choices) for an unknown method, a ratio outside [0, 1) or not a number,
-    a malformed pattern, an N:M pattern whose sparsity 1 - N/M differs from a nonzero ratio, and ECoFLaP
-    with N:M (its per-block ratios need unstructured sparsity).
+    a malformed pattern, an N:M pattern whose sparsity 1 - N/M differs from a nonzero ratio, ECoFLaP
+    with N:M (its per-block ratios need unstructured sparsity), and an unknown or bad option (`targets` or the
+    method's own, `method_options`).
     """
     spec = get_method(method)
     ratio = validate_ratio(ratio)
@@ -57,15 +58,20 @@ def validate_sparsity_args(method, ratio, pattern="unstructured"):
         raise ValueError(f"{spec.name} allocates a different ratio to each block, which an N:M pattern cannot "
                          f"express: use sparsity_pattern='unstructured', or wanda/sparsegpt/magnitude for "
                          f"{pattern!r}")
+    if "targets" in options:
+        _normalize_targets(options["targets"])
+    method_options(spec, ratio, nm, {k: v for k, v in options.items() if k not in COMMON_OPTIONS})
     return spec.name, ratio, nm
 
 
-def _resolve_options(spec: SparsityMethod, options: dict) -> dict:
+def method_options(spec: SparsityMethod, ratio: float, nm, options: dict) -> dict:
+    """The method's own options, its defaults filled in and checked against the ratio and the N:M pattern."""
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for sparsity method {spec.name!r}; "
                          f"valid options: {sorted(sparsity_option_names(spec.name))}")
-    return {**spec.options, **options}
+    options = {**spec.options, **options}
+    return spec.check(ratio, nm, options) if spec.check is not None else options
 
 
 def _normalize_targets(targets) -> tuple:
@@ -154,15 +160,8 @@ def sparsify(
     """
     name, ratio, nm = validate_sparsity_args(method, ratio, pattern)
     spec = SPARSITY_METHODS[name]
-    opts = _resolve_options(spec, options)
+    opts = method_options(spec, ratio, nm, options)
     targets = _normalize_targets(targets)
-    if name == "ecoflap" and ratio > 0:
-        opts = ecoflap.validate_options(ratio, opts)
-    if name == "magnitude" and opts["comparison"] not in magnitude.COMPARISONS:
-        raise ValueError(f"comparison={opts['comparison']!r} for magnitude; choose one of {list(magnitude.COMPARISONS)}")
-    if name == "sparsegpt" and (isinstance(opts["blocksize"], bool) or not isinstance(opts["blocksize"], int)
-                                or opts["blocksize"] < 1 or (nm is not None and opts["blocksize"] % nm[1])):
-        raise ValueError(f"blocksize must be a positive int (a multiple of M for N:M), got {opts['blocksize']!r}")
     if calibration is not None and hasattr(calibration, "__len__") and len(calibration) == 0:
         prepare_calibration(processor, calibration, num_samples)  # raises the empty-set error
     stacks = find_stacks(model, targets)

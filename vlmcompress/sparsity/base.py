@@ -129,6 +129,9 @@ class SparsityMethod:
     aliases: tuple[str, ...] = ()
     supports_nm: bool = True
     description: str = ""
+    # check(ratio, nm, options) -> options: the method's own options checked (a ValueError naming the fix) and
+    # completed for this ratio and N:M pattern, before any weight is read
+    check: Callable | None = None
 
     def option_names(self) -> set[str]:
         return set(COMMON_OPTIONS) | set(self.options)

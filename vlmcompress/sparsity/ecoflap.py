@@ -64,8 +64,11 @@ def ecoflap_allocate(scores, sizes, target: float, max_ratio: float | None = Non
     return ratios.tolist()
 
 
-def validate_options(ratio: float, opts: dict) -> dict:
-    """Check ECoFLaP's options before any weight changes; fills in the default `max_layer_ratio`."""
+def validate_options(ratio: float, nm, opts: dict) -> dict:
+    """Check ECoFLaP's options before any weight changes; fills in the default `max_layer_ratio`. A ratio of 0
+    prunes nothing, so nothing needs checking."""
+    if ratio == 0:
+        return opts
     opts = dict(opts)
     if opts["max_layer_ratio"] is None:
         opts["max_layer_ratio"] = default_max_ratio(ratio)
@@ -161,7 +164,7 @@ def _prune(weight, stats, ratio, nm):
 
 
 METHOD = SparsityMethod(
-    name="ecoflap", stats="norm", prune=_prune, supports_nm=False,
+    name="ecoflap", stats="norm", prune=_prune, supports_nm=False, check=validate_options,
     options={"max_layer_ratio": None, "min_layer_ratio": 0.0, "zo_samples": 32, "zo_batch_size": 8,
              "zo_eps": 1e-3, "num_noise": 1, "zo_granularity": "block"},
     description="per-block ratios from zeroth-order global scores, then Wanda per block",

@@ -28,7 +28,13 @@ def _prune(weight, stats, ratio, nm, comparison: str = "layer"):
     return weight.masked_fill(mask, 0), mask
 
 
+def _check(ratio, nm, options: dict) -> dict:
+    if options["comparison"] not in COMPARISONS:
+        raise ValueError(f"comparison={options['comparison']!r} for magnitude; choose one of {list(COMPARISONS)}")
+    return options
+
+
 METHOD = SparsityMethod(
-    name="magnitude", stats="none", prune=_prune, options={"comparison": "layer"},
+    name="magnitude", stats="none", prune=_prune, options={"comparison": "layer"}, check=_check,
     description="|W|, per layer (comparison='row': per output row); no calibration",
 )

@@ -92,7 +92,14 @@ def _prune(weight, stats, ratio, nm, blocksize: int = 128, percdamp: float = 0.0
     return sparsegpt_prune(weight, stats, ratio, nm, blocksize=blocksize, percdamp=percdamp)
 
 
+def _check(ratio, nm, options: dict) -> dict:
+    blocksize = options["blocksize"]
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1 or (nm and blocksize % nm[1]):
+        raise ValueError(f"blocksize must be a positive int (a multiple of M for N:M), got {blocksize!r}")
+    return options
+
+
 METHOD = SparsityMethod(
-    name="sparsegpt", stats="hessian", prune=_prune, options={"blocksize": 128, "percdamp": 0.01},
+    name="sparsegpt", stats="hessian", prune=_prune, options={"blocksize": 128, "percdamp": 0.01}, check=_check,
     description="OBS pruning + reconstruction from H = X X^T (blocks of 128, lambda = 0.01 mean diag)",
 )
