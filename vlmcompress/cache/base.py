@@ -165,7 +165,8 @@ class CompressedCache(DynamicCache):
         ref = weakref.ref(self)
         for decoder_layer in decoder.layers:
             self._mask_handles.append(
-                decoder_layer.self_attn.register_forward_pre_hook(partial(hooks.attention_pre_hook, ref), with_kwargs=True)
+                decoder_layer.self_attn.register_forward_pre_hook(partial(hooks.attention_pre_hook, ref),
+                                                                  with_kwargs=True)
             )
 
     def keep_mask_hooks(self) -> None:

@@ -18,6 +18,8 @@ from .policy import Policy
 
 @dataclass(frozen=True)
 class KeepAll(Policy):
+    """Every prompt token (the uncompressed baseline)."""
+
     def score(self, ctx: PromptContext) -> torch.Tensor:
         return torch.zeros(ctx.keys.shape[:3], dtype=torch.float64, device=ctx.keys.device)
 

@@ -28,6 +28,8 @@ def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int |
 
 @dataclass(frozen=True)
 class H2O(Policy):
+    """H2O (Zhang et al., 2023): score_j = Σ_{every query i so far} softmax(q_i·K/√d)_j; the recent share kept."""
+
     recent_ratio: float = 0.5  # the share of the budget kept as the most recent tokens
 
     evicts_during_decoding = True
@@ -35,7 +37,8 @@ class H2O(Policy):
     def __post_init__(self):
         ratio = self.recent_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"recent_ratio must be in [0, 1] (share of the budget kept as recent tokens), got {ratio!r}")
+            raise ValueError(
+                f"recent_ratio must be in [0, 1] (share of the budget kept as recent tokens), got {ratio!r}")
 
     def recent_tokens(self, budget: torch.Tensor) -> torch.Tensor:
         return torch.floor(budget.double() * self.recent_ratio).long().clamp(min=1)

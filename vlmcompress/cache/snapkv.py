@@ -19,6 +19,8 @@ from .policy import PROTECTED, Policy
 
 @dataclass(frozen=True)
 class SnapKV(Policy):
+    """SnapKV (Li et al., 2024): score_j = pool_k(Σ_{last w queries i} softmax(q_i·K/√d)_j); the window kept."""
+
     window_size: int = 32  # w: the observation window, the last w prompt tokens
     kernel_size: int = 5  # the pooling's width
     pooling: str = "avgpool"  # or "maxpool"

@@ -25,6 +25,8 @@ def sinks_then_newest(positions: torch.Tensor, sinks: torch.Tensor) -> torch.Ten
 
 @dataclass(frozen=True)
 class StreamingLLM(Policy):
+    """StreamingLLM (Xiao et al., 2024): kept = the first `sink_tokens` ∪ the newest (budget − sinks) tokens."""
+
     sink_tokens: int = 4  # the attention sinks: the first tokens, always kept
 
     evicts_during_decoding = True
@@ -36,7 +38,8 @@ class StreamingLLM(Policy):
     def score(self, ctx: PromptContext) -> torch.Tensor:
         b, h, n, _ = ctx.keys.shape
         positions = torch.arange(n, device=ctx.keys.device).expand(b, h, n)
-        valid = ctx.key_valid[:, None].expand(b, h, n) if ctx.key_valid is not None else torch.ones_like(positions, dtype=torch.bool)
+        valid = (ctx.key_valid[:, None].expand(b, h, n) if ctx.key_valid is not None
+                 else torch.ones_like(positions, dtype=torch.bool))
         return sinks_then_newest(positions, first_valid(valid, self.sink_tokens))
 
     def decode_scores(self, ctx: DecodeContext) -> torch.Tensor:

@@ -25,6 +25,9 @@ from .policy import Policy, Scores
 
 @dataclass(frozen=True)
 class VLCache(Policy):
+    """VL-Cache (Tu et al., 2025): score_j = Σ_{post-vision queries i} softmax(q_i·K/√d)_j, and the layer's
+    density (share of entries >= threshold x their row's maximum) for the `Density` allocation."""
+
     threshold: float = 0.01  # an attention entry is dense at >= threshold x its row's maximum
     window_size: int = 32  # the queries that score a prompt without visual tokens: its last window_size
 
