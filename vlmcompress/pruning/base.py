@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -74,29 +74,32 @@ class Selection:
 
 @dataclass(frozen=True)
 class PruneMethod:
-    """A registry entry: where the method acts, its defaults and its option validators."""
+    """A registry entry: where the method acts, its default budget and its options (a frozen dataclass whose
+    fields have defaults and whose `__post_init__` checks them, `checked`)."""
 
     name: str
     stage: str  # "projector": before the language model; "llm": inside it, at layer K
     default_budget: float | None  # None: the method picks its own count (PruMerge's IQR rule)
-    options: dict[str, Any] = field(default_factory=dict)  # name -> default
-    validators: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
+    options: type
     select: Callable | None = None  # projector methods: select(features, scores, keys, keep, **options) -> Selection
     aliases: tuple[str, ...] = ()
 
     def option_names(self) -> set[str]:
-        return set(self.options)
+        return {option.name for option in fields(self.options)}
 
     def resolve_options(self, options: dict) -> dict:
-        unknown = set(options) - set(self.options)
+        """Every option of the method, its defaults filled in, checked; a `ValueError` naming the fix otherwise."""
+        unknown = set(options) - self.option_names()
         if unknown:
-            raise ValueError(
-                f"unknown option(s) {sorted(unknown)} for prune={self.name!r}; valid options: {sorted(self.options)}"
-            )
-        resolved = dict(self.options)
-        for key, value in options.items():
-            resolved[key] = self.validators[key](value) if key in self.validators else value
-        return resolved
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for prune={self.name!r}; valid options: "
+                             f"{sorted(self.option_names())}")
+        return asdict(self.options(**options))
+
+
+def checked(options, **checks: Callable) -> None:
+    """In an options dataclass's `__post_init__`: each named field checked and normalised by its check."""
+    for name, check in checks.items():
+        object.__setattr__(options, name, check(getattr(options, name)))
 
 
 def positive_int(name: str, minimum: int = 1):

@@ -10,9 +10,11 @@ query from layer K-1's own inputs (the model keeps running SDPA / flash-attentio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import PruneMethod, positive_int
+from .base import PruneMethod, checked, positive_int
 
 DEFAULT_LAYER = 2  # K in the paper
 DEFAULT_BUDGET = 0.5  # R = 50% dropped in the paper's main setting
@@ -25,10 +27,12 @@ def fastv_keep(attention: torch.Tensor, keep: int) -> torch.Tensor:
     return attention.double().topk(keep).indices.sort().values
 
 
-METHOD = PruneMethod(
-    name="fastv",
-    stage="llm",
-    default_budget=DEFAULT_BUDGET,
-    options={"layer": DEFAULT_LAYER},
-    validators={"layer": positive_int("fastv layer (K)")},
-)
+@dataclass(frozen=True)
+class FastVOptions:
+    layer: int = DEFAULT_LAYER  # K: the first layer that sees the pruned sequence
+
+    def __post_init__(self):
+        checked(self, layer=positive_int("fastv layer (K)"))
+
+
+METHOD = PruneMethod(name="fastv", stage="llm", default_budget=DEFAULT_BUDGET, options=FastVOptions)

@@ -15,10 +15,12 @@ position in the prompt's sequence and is not part of the paper's Algorithm 1, so
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .base import PruneMethod, Selection, optional_int, positive_int
+from .base import PruneMethod, Selection, checked, optional_int, positive_int
 
 MERGE_K = 32
 
@@ -51,11 +53,16 @@ def prumerge_select(features, scores, keys, keep: int | None = None, merge_k: in
     return Selection(kept, merge_neighbours(features, scores, keys, kept, merge_k))
 
 
-METHOD = PruneMethod(
-    name="prumerge",
-    stage="projector",
-    default_budget=None,
-    options={"merge_k": MERGE_K, "vision_layer": None},
-    validators={"merge_k": positive_int("prumerge merge_k"), "vision_layer": optional_int("vision_layer")},
-    select=prumerge_select,
-)
+@dataclass(frozen=True)
+class MergeOptions:
+    """PruMerge's and PruMerge+'s options."""
+
+    merge_k: int = MERGE_K  # the most key-similar tokens merged into each kept one
+    vision_layer: int | None = None  # the encoder layer scored (None: the one the projector reads)
+
+    def __post_init__(self):
+        checked(self, merge_k=positive_int("merge_k"), vision_layer=optional_int("vision_layer"))
+
+
+METHOD = PruneMethod(name="prumerge", stage="projector", default_budget=None, options=MergeOptions,
+                     select=prumerge_select)

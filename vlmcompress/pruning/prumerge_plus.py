@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import PruneMethod, Selection, optional_int, positive_int
-from .prumerge import MERGE_K, iqr_outlier_count, merge_neighbours
+from .base import PruneMethod, Selection
+from .prumerge import MERGE_K, MergeOptions, iqr_outlier_count, merge_neighbours
 
 
 def uniform_samples(n: int, outliers: int) -> list[int]:
@@ -49,8 +49,7 @@ METHOD = PruneMethod(
     name="prumerge+",
     stage="projector",
     default_budget=None,
-    options={"merge_k": MERGE_K, "vision_layer": None},
-    validators={"merge_k": positive_int("prumerge+ merge_k"), "vision_layer": optional_int("vision_layer")},
+    options=MergeOptions,
     select=prumerge_plus_select,
     aliases=("prumerge_plus", "prumergeplus", "prumerge-plus"),
 )

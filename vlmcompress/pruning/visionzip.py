@@ -12,10 +12,12 @@ receives), the one representation all architectures share; each merged token sit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .base import PruneMethod, Selection, optional_int, round_half_up, unit_fraction
+from .base import PruneMethod, Selection, checked, optional_int, round_half_up, unit_fraction
 
 CONTEXTUAL_RATIO = 10 / 64
 DEFAULT_BUDGET = 192 / 576  # the paper's largest LLaVA-1.5 setting
@@ -57,12 +59,20 @@ def visionzip_select(features, scores, keys, keep: int, contextual_ratio: float 
     return Selection(indices[order], merged[order])
 
 
+@dataclass(frozen=True)
+class VisionZipOptions:
+    contextual_ratio: float = CONTEXTUAL_RATIO  # the share of the kept tokens that are merged contextual ones
+    vision_layer: int | None = None  # the encoder layer scored (None: the one the projector reads)
+
+    def __post_init__(self):
+        checked(self, contextual_ratio=unit_fraction("visionzip contextual_ratio"),
+                vision_layer=optional_int("vision_layer"))
+
+
 METHOD = PruneMethod(
     name="visionzip",
     stage="projector",
     default_budget=DEFAULT_BUDGET,
-    options={"contextual_ratio": CONTEXTUAL_RATIO, "vision_layer": None},
-    validators={"contextual_ratio": unit_fraction("visionzip contextual_ratio"),
-                "vision_layer": optional_int("vision_layer")},
+    options=VisionZipOptions,
     select=visionzip_select,
 )
