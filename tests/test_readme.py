@@ -44,10 +44,11 @@ def test_the_readme_python_blocks_run_as_pasted():
     assert answer == expected
 
 
-def test_the_readme_links_stay_in_the_repository():
+def test_the_readme_links_stay_in_the_repository_and_exist():
     text = README.read_text()
     targets = [t for t in re.findall(r"\]\(([^)#]+)", text) + re.findall(r"`(\.\./[^`]+)`", text)
                if "://" not in t]
-    assert targets
+    assert "docs/design.md" in targets
     for target in targets:
         assert (ROOT / target).resolve().is_relative_to(ROOT), target
+        assert (ROOT / target).exists(), target
