@@ -165,3 +165,23 @@ def test_vlcache_scores_post_vision_attention_and_allocates_by_density(tiny_dirs
         expected.append([top(dict(enumerate(mean_over_group(received, kv, groups))), count)
                          for kv in range(attention.shape[0] // groups)])
     assert_kept(kept, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_random_keeps_the_window_and_a_seeded_uniform_sample_of_the_prefix(tiny_dirs, processors, arch):
+    inputs = image_inputs(processors[arch])
+    n = inputs["input_ids"].shape[1]
+    budget = round_half_up(0.3 * n)
+    kept = {seed: compressed_prefill(tiny_dirs[arch], inputs, "random", 0.3, window_size=6, seed=seed)
+            for seed in (0, 7)}
+    for seed, kept_per_layer in kept.items():
+        expected = []
+        for layer, layer_kept in enumerate(kept_per_layer):
+            heads = layer_kept.shape[0]
+            # token j's draw for each KV head: row j of an [n, heads] uniform draw seeded by (seed, layer)
+            generator = torch.Generator().manual_seed(seed * 2**16 + layer)
+            draws = torch.rand(n, heads, generator=generator, dtype=F64).tolist()
+            expected.append([top({j: draws[j][h] for j in range(n - 6)}, budget - 6) | set(range(n - 6, n))
+                             for h in range(heads)])
+        assert_kept(kept_per_layer, expected)
+    assert any(not torch.equal(a, b) for a, b in zip(kept[0], kept[7]))  # the seed decides the sample

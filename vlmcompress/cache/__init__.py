@@ -9,13 +9,14 @@ from .h2o import H2O, H2OCache
 from .layer import CompressedLayer
 from .policy import PROTECTED, Policy, Scores
 from .pyramidkv import PyramidKVCache
+from .random_eviction import Random, RandomCache
 from .snapkv import SnapKV, SnapKVCache
 from .streamingllm import StreamingLLM, StreamingLLMCache
 from .vlcache import VLCache, VLCacheCache
 
 # "SnapKV", "snap-kv" and "snap_kv" all name snapkv
 KV_METHODS = Registry("KV-cache", normalize=lambda name: name.strip().lower().replace("-", "").replace("_", ""))
-for method in (StreamingLLMCache, H2OCache, SnapKVCache, PyramidKVCache, VLCacheCache):
+for method in (StreamingLLMCache, H2OCache, SnapKVCache, PyramidKVCache, VLCacheCache, RandomCache):
     KV_METHODS.register(method)
 
 
@@ -35,6 +36,6 @@ def register_policy(policy_class: type[Policy], name: str, allocation_class: typ
 __all__ = [
     "KV_METHODS", "get_cache_class", "register_policy", "CompressedCache", "CompressedLayer", "Policy", "Scores",
     "PROTECTED", "PromptContext", "DecodeContext", "Uniform", "Pyramid", "Density", "validate_budget",
-    "StreamingLLM", "H2O", "SnapKV", "VLCache",
-    "StreamingLLMCache", "H2OCache", "SnapKVCache", "PyramidKVCache", "VLCacheCache",
+    "StreamingLLM", "H2O", "SnapKV", "VLCache", "Random",
+    "StreamingLLMCache", "H2OCache", "SnapKVCache", "PyramidKVCache", "VLCacheCache", "RandomCache",
 ]
