@@ -65,7 +65,8 @@ DEFAULT = {
         # the question-aware methods look at the last 16 prompt tokens (the question; what the
         # reference tests use); the short prompts are ~120 tokens, the long-context ones ~300
         "configs": grid("kv", {"streamingllm": {}, "h2o": {}, "snapkv": {"window_size": 16},
-                               "pyramidkv": {"window_size": 16}, "vlcache": {"window_size": 16}},
+                               "pyramidkv": {"window_size": 16}, "vlcache": {"window_size": 16},
+                               "random": {"window_size": 16}},
                         [0.1, 0.2, 0.5]),
         "prune_configs": grid("prune", {"fastv": {}, "visionzip": {}, "prumerge": {}, "prumerge+": {}},
                               [0.25, 0.5]),
