@@ -2,7 +2,7 @@
 
 Eager `generate` is launch-bound while decoding: a 7B model's step is some thousand kernel launches from
 Python, so it costs the same whatever the cache holds, and a smaller cache cannot show (docs/benchmarks.md,
-"Static decoding from a CUDA graph"). Nothing in a step needs the host once the prompt is compressed:
+"How decoding is made fast"). Nothing in a step needs the host once the prompt is compressed:
 
 - every cache layer becomes a `StaticLayer` with preallocated room for the coming tokens; step t writes its
   key and value at slot `static_base + t`, with t held in a device scalar, and marks the slot valid;
