@@ -121,13 +121,14 @@ def image(seed: int, width: int, height: int) -> Image.Image:
 QUESTION = "Describe this image in detail, then answer: what is written in the top-left corner?"
 
 
-def make_inputs(processor, kind: str, batch: int, hires: int = 1344):
+def make_inputs(processor, kind: str, batch: int, hires: int = 1344, first_image: int = 0):
     """Processor outputs for `batch` copies of one prompt: `hires` (one large image giving several
-    thousand visual tokens) or `multi` (four 448-px images)."""
+    thousand visual tokens) or `multi` (four 448-px images); the images are drawn from seeds counted from
+    `first_image`, so different values give different prompts of the same shape."""
     if kind == "hires":
-        images = [[image(i, hires, hires)] for i in range(batch)]
+        images = [[image(first_image + i, hires, hires)] for i in range(batch)]
     elif kind == "multi":
-        images = [[image(4 * i + j, 448, 448) for j in range(4)] for i in range(batch)]
+        images = [[image(first_image + 4 * i + j, 448, 448) for j in range(4)] for i in range(batch)]
     else:
         raise ValueError(f"unknown input kind {kind!r}; choose hires or multi")
     content = [{"type": "image"}] * len(images[0]) + [{"type": "text", "text": QUESTION}]

@@ -103,7 +103,7 @@ def test_multi_gpu_script_runs_at_toy_size_with_two_cpu_ranks(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs instead of refusing")
-@pytest.mark.parametrize("script", ["decode_attention", "decode_step", "scoring"])
+@pytest.mark.parametrize("script", ["decode_attention", "decode_step", "scoring", "workload"])
 def test_cuda_timers_need_a_gpu_and_say_so(script):
     module = __import__(script)
 
