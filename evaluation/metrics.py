@@ -186,13 +186,6 @@ def parse_yes_no(response: str) -> str:
     return "other"
 
 
-def mme_gold(answer: str) -> str:
-    gold = str(answer).lower().strip().replace(".", "")
-    if gold not in ("yes", "no"):
-        raise ValueError(f"an MME answer is yes or no, not {answer!r}")
-    return gold
-
-
 def mme_scores(records: Iterable[dict]) -> dict:
     """MME totals from per-sample records {question_id, category, score (0/1)}, as lmms-eval sums them.
 
