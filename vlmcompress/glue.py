@@ -71,8 +71,8 @@ def bind_attention_arguments(module: torch.nn.Module, args: tuple, kwargs: dict)
 
 
 # The names transformers' modeling files give the function their attentions rotate queries and keys with:
-# Qwen2-VL's is `apply_multimodal_rotary_pos_emb` up to transformers 5.2 (3-D cos/sin, split by the
-# config's `mrope_section`), `apply_rotary_pos_emb` (cos/sin already merged) from 5.3 and in every other model.
+# Qwen2-VL's is `apply_multimodal_rotary_pos_emb` up to transformers 5.16 (3-D cos/sin, split by the
+# config's `mrope_section`), `apply_rotary_pos_emb` (cos/sin already merged) from 5.17 and in every other model.
 ROTARY_FUNCTION_NAMES = ("apply_rotary_pos_emb", "apply_multimodal_rotary_pos_emb")
 
 
