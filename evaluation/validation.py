@@ -251,7 +251,9 @@ def check_cache_folder(path: str) -> None:
             connection.close()
     except sqlite3.DatabaseError as exc:
         raise UsageError(f"--use_cache {path}: {database} is a damaged SQLite database ({exc}): {fix}") from None
-    if "responses" not in tables:
+    # no table at all: an empty database, or one another run is creating the cache in right now (its header is
+    # written before its table): the cache creates the table itself
+    if tables and "responses" not in tables:
         raise UsageError(f"--use_cache {path}: {database} is a SQLite database of another program (tables "
                          f"{sorted(tables)}), not a response cache: {fix}")
 

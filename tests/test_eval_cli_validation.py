@@ -167,6 +167,20 @@ def test_use_cache_that_is_not_a_cache_folder_is_named_and_left_alone(env, capsy
     reopened.close()
 
 
+def test_a_cache_another_run_is_creating_is_accepted(tmp_path):
+    """ResponseCache writes the database's header (WAL mode) before its table: a second run starting at that
+    moment sees a SQLite database without tables, which is a cache being created, not another program's."""
+    connection = sqlite3.connect(tmp_path / "responses.sqlite", isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.close()
+    assert (tmp_path / "responses.sqlite").stat().st_size > 0 and not (tmp_path / "responses.sqlite-wal").exists()
+    validation.check_cache_folder(str(tmp_path))
+    cache = ResponseCache(tmp_path)
+    cache.put("k", "task", 0, {}, "answer", {})
+    assert cache.get("k") == ("answer", {})
+    cache.close()
+
+
 def test_missing_local_data(env, capsys, no_model, tmp_path):
     message = rejected(argv(env, tasks="docvqa_val,chartqa"), capsys, no_model)
     assert f"--data_dir {env['data']} has no copy of chartqa: expected {Path(env['data']) / 'chartqa'}" in message
