@@ -24,13 +24,32 @@ def cache_key(model: dict, compression: dict, task: str, sample_id, prompt: str,
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+LOCK_TIMEOUT_S = 120
+
+
+def switch_to_wal(conn: sqlite3.Connection) -> None:
+    """WAL lets ranks read while another commits. Switching a new file to it needs a moment alone with the file,
+    and SQLite answers "database is locked" at once then, without waiting on its busy timeout: wait here."""
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 class ResponseCache:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "responses.sqlite"
-        self.conn = sqlite3.connect(str(self.path), timeout=120, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn = sqlite3.connect(str(self.path), timeout=LOCK_TIMEOUT_S, isolation_level=None)
+        switch_to_wal(self.conn)
         self.conn.execute(
             "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, task TEXT, sample_id TEXT, config TEXT,"
             " response TEXT, stats TEXT, created REAL)"

@@ -212,19 +212,23 @@ def _write_answers(directory: str, writer: int, n: int, start) -> None:
 
 
 def test_response_cache_under_concurrent_writers(tmp_path):
-    """Four processes open one new cache at the same instant and commit answers one by one."""
-    start = FORK.Event()
-    writers = [FORK.Process(target=_write_answers, args=(str(tmp_path), w, 40, start)) for w in range(4)]
-    for p in writers:
-        p.start()
-    start.set()
-    for p in writers:
-        p.join(120)
-    assert [p.exitcode for p in writers] == [0] * 4
-    cache = ResponseCache(tmp_path)
-    assert all(cache.get(f"{w}-{i}")[0] == f"answer {w}.{i}" for w in range(4) for i in range(40))
-    assert len(cache) == 160
-    cache.close()
+    """Six processes open one new cache at the same instant and commit answers one by one; repeated on fresh
+    folders, since the race on creating the file (SQLite refuses the switch to WAL at once) is not won every time."""
+    writers, answers = 6, 10
+    for attempt in range(12):
+        folder = tmp_path / f"attempt{attempt}"
+        start = FORK.Event()
+        processes = [FORK.Process(target=_write_answers, args=(str(folder), w, answers, start)) for w in range(writers)]
+        for p in processes:
+            p.start()
+        start.set()
+        for p in processes:
+            p.join(120)
+        assert [p.exitcode for p in processes] == [0] * writers, f"attempt {attempt}"
+        cache = ResponseCache(folder)
+        assert all(cache.get(f"{w}-{i}")[0] == f"answer {w}.{i}" for w in range(writers) for i in range(answers))
+        assert len(cache) == writers * answers
+        cache.close()
 
 
 # --------------------------------------------------------------------------- the output folder goes away
