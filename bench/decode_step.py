@@ -63,7 +63,7 @@ class StepRecorder:
 
         def close(static):
             # the graph replays buffers the cache and the step's inputs own: keep them alive with it
-            recorder.kept = {"graph": static.graph, "inputs": static.inputs, "cache": static.cache}
+            recorder.kept = {"graph": static.workspace.graph, "workspace": static.workspace, "cache": static.cache}
             recorder.close(static)
 
         StaticDecoding.decode_step, StaticDecoding.close = decode_step, close

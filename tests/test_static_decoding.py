@@ -17,6 +17,7 @@ from vlmcompress.cache import SnapKVCache
 from vlmcompress.glue import language_model_of
 from vlmcompress.decoding import static_layer as static_layers
 from vlmcompress.decoding.static import StaticDecoding
+from vlmcompress.decoding.workspace import slot_bucket
 from vlmcompress.models import pruning_points
 from vlmcompress.testing import ARCHITECTURES
 
@@ -119,7 +120,7 @@ def test_decode_time_eviction_in_static_buffers_equals_eager_decoding(tiny_dirs,
     eager = greedy(eager_model, inputs, past_key_values=eager_cache)
     static = greedy(static_model, inputs, past_key_values=static_cache)
     assert_same_decoding(static, eager)
-    width = int(static_cache.layers[0].capacity.max()) + 1
+    width = slot_bucket(int(static_cache.layers[0].capacity.max()) + 1)  # the size the model's buffers round to
     assert static_steps == [width] * (NEW_TOKENS - 1)  # the buffers never grew
     for static_layer, eager_layer, count in zip(static_cache.layers, eager_cache.layers, static_cache.kept_counts()):
         assert live_positions(static_layer) == live_positions(eager_layer)
@@ -145,7 +146,7 @@ def test_decode_time_eviction_of_one_prompt_equals_eager_decoding_in_place(tiny_
     eager = greedy(eager_model, inputs, past_key_values=eager_cache)
     static = greedy(static_model, inputs, past_key_values=static_cache)
     assert_same_decoding(static, eager)
-    assert static_steps == [17] * (NEW_TOKENS - 1)
+    assert static_steps == [slot_bucket(17)] * (NEW_TOKENS - 1)
     assert all(layer.free_slot is not None and layer.slot_valid is None for layer in eager_cache.layers)
     for static_layer, eager_layer in zip(static_cache.layers, eager_cache.layers):
         assert live_positions(static_layer) == live_positions(eager_layer)
@@ -297,3 +298,95 @@ def test_a_cache_decoded_statically_serves_a_next_turn(tiny_dirs, processors, me
         if graphs:
             assert not any(isinstance(layer, static_layers.StaticLayer) for layer in cache.layers)
     assert_same_decoding(turns[True], turns[False])
+
+
+# ----- buffers and graphs kept across generate calls (`decoding.workspace`) ---------------------------------
+PROMPTS = [  # one batch size, prompts of other lengths and images: their compressed caches round to one size
+    (("What is in the picture? Describe it in detail.", "Colour?"), [0, 1]),
+    (("Shape?", "Which colours are in this image, and where?"), [2, 3]),
+    (("Count the shapes in it.", "Is there any text written in the image here?"), [4, 5]),
+]
+
+
+def workspaces_of(model):
+    return list(model.decoding_workspaces().entries.values())
+
+
+@pytest.mark.parametrize("method", [None, "snapkv", "h2o", "streamingllm"])
+def test_consecutive_generates_reuse_the_buffers_and_keep_eager_tokens(tiny_dirs, processors, method):
+    """Three `generate`s with other prompts load their caches into the first one's buffers (same tensors), and
+    each decodes to eager decoding's tokens and logits: nothing of an earlier prompt leaks into a later one."""
+    arch = "qwen2_vl"
+    budget = 16 if method in ("h2o", "streamingllm") else 0.3
+    eager_model = load(tiny_dirs[arch], method, budget)
+    static_model = load(tiny_dirs[arch], method, budget, cuda_graphs=True)
+    buffers = []
+    for questions, seeds in PROMPTS:
+        inputs = image_inputs(processors[arch], questions, seeds)
+        assert_same_decoding(greedy(static_model, inputs), greedy(eager_model, inputs))
+        (workspace,) = workspaces_of(static_model)
+        buffers.append([layer.keys.data_ptr() for layer in workspace.layers])
+    assert buffers[0] == buffers[1] == buffers[2]
+
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+def test_a_smaller_batch_is_padded_into_the_kept_buffers(tiny_dirs, processors, method):
+    """A batch of 3 after one of 4 decodes in the 4-row buffers (its padding row cut from the output) to the
+    tokens eager decoding gives the 3 samples; a batch of 5 needs new ones, padded to 8 rows."""
+    arch = "llava_onevision"
+    budget = 16 if method == "h2o" else 0.3
+    eager_model = load(tiny_dirs[arch], method, budget)
+    static_model = load(tiny_dirs[arch], method, budget, cuda_graphs=True)
+    questions = ("What is in the picture? Describe it in detail.", "Colour?", "Shape?", "Count them.", "Text?")
+    for size in (4, 3, 5):
+        inputs = image_inputs(processors[arch], questions[:size])
+        assert_same_decoding(greedy(static_model, inputs), greedy(eager_model, inputs))
+    assert sorted(workspace.batch for workspace in workspaces_of(static_model)) == [4, 8]
+
+
+def test_a_prompt_of_another_size_gets_new_buffers_and_few_are_kept(tiny_dirs, processors):
+    arch = "qwen2_vl"
+    model = load(tiny_dirs[arch], "snapkv", cuda_graphs=True, decoding=vlmcompress.DecodingOptions(kept_graphs=2))
+    inputs = image_inputs(processors[arch])
+    for room in (3, 5, 7):  # another max_new_tokens: another room, other buffers
+        model.generate(**inputs, max_new_tokens=room, do_sample=False)
+    assert [workspace.layers[0].keys.shape[-2] - workspace.layers[0].prompt_slots
+            for workspace in workspaces_of(model)] == [5, 7]  # the least recently used one went
+    model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert [workspace.layers[0].keys.shape[-2] - workspace.layers[0].prompt_slots
+            for workspace in workspaces_of(model)] == [7, 5]
+
+
+def test_kept_buffers_go_with_the_model_or_on_request(tiny_dirs, processors):
+    model = load(tiny_dirs["qwen2_vl"], "snapkv", cuda_graphs=True)
+    inputs = image_inputs(processors["qwen2_vl"], QUESTIONS)
+    greedy(model, inputs)
+    (workspace,) = workspaces_of(model)
+    kept = weakref.ref(workspace.layers[0].keys)
+    del workspace
+    model.release_decoding_buffers()
+    gc.collect()
+    assert kept() is None and workspaces_of(model) == []
+    greedy(model, inputs)
+    kept = weakref.ref(workspaces_of(model)[0].layers[0].keys)
+    del model
+    gc.collect()
+    assert kept() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method", [None, "snapkv", "h2o", "streamingllm"])
+def test_a_kept_graph_replays_for_later_prompts(tiny_dirs, processors, monkeypatch, method):
+    """The first `generate` captures its step; the next ones, whose caches fit its buffers, replay it at once,
+    and decode to eager decoding's tokens."""
+    arch = "qwen2_vl"
+    budget = 16 if method in ("h2o", "streamingllm") else 0.3
+    eager_model = load(tiny_dirs[arch], method, budget, device_map="cuda")
+    static_model = load(tiny_dirs[arch], method, budget, cuda_graphs=True, device_map="cuda")
+    runners = []
+    original_install = StaticDecoding.install
+    monkeypatch.setattr(StaticDecoding, "install", lambda self: (runners.append(self), original_install(self))[1])
+    for questions, seeds in PROMPTS:
+        inputs = image_inputs(processors[arch], questions, seeds).to("cuda")
+        assert_same_decoding(greedy(static_model, inputs), greedy(eager_model, inputs))
+    assert [(runner.captures, runner.reused) for runner in runners] == [(1, False), (0, True), (0, True)]

@@ -19,11 +19,16 @@ class DecodingOptions:
     split_kv: bool = True  # the decoding attention as split-KV triton kernels on CUDA (`split_kv`)
     fuse_products: bool = True  # q/k/v and gate/up as one matrix product each in static steps (`step_kernels`)
     defer_stop_check: bool = True  # read generate's "all finished" flag one step late under static decoding
+    # static buffers and captured steps a model keeps for later `generate` calls (`decoding.workspace`); 0: none
+    kept_graphs: int = 4
 
     def __post_init__(self):
         for option in fields(self):
             value = getattr(self, option.name)
-            if not isinstance(value, bool):
+            if option.type == "int":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"DecodingOptions.{option.name} must be an int >= 0, got {value!r}")
+            elif not isinstance(value, bool):
                 raise ValueError(f"DecodingOptions.{option.name} must be True or False, got {value!r}")
 
 

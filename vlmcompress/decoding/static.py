@@ -25,6 +25,7 @@ cannot take the mask, SDPA and eager can.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 
@@ -34,11 +35,13 @@ import transformers.generation.utils as generation_utils
 from ..compilation import compile_by_default
 from ..glue import passed_cache
 from .options import DecodingOptions
-from .static_layer import StaticLayer
+from .static_layer import slots_needed
 from .step_kernels import StepKernels
+from .workspace import Workspace, WorkspacePool, batch_bucket, pad_batch, paddable, slot_bucket
 
 ROOM = 256  # decoding steps one static allocation serves when generate's max_new_tokens is unknown
-DEFERRED_DEVICES = ("cuda",)  # where transformers' DeferredStopCheck works: it records device events
+DEFERRED_DEVICES = ("cuda",)
+CACHE_FIELDS = ("past_key_values", "cache")  # the cache's field in a model output (renamed in transformers 5.2x)  # where transformers' DeferredStopCheck works: it records device events
 
 
 class StaticDecoding:
@@ -46,12 +49,13 @@ class StaticDecoding:
     docstring).
 
     Installed as the instance's `forward` for one `generate` (`install` / `close`); every other call
-    (the prompt, a different cache, several new tokens at once) goes to the upstream forward unchanged.
+    (the prompt, a different cache, several new tokens at once) goes to the upstream forward unchanged. With a
+    `WorkspacePool` (the model's), its buffers and graph come from, and stay for, other `generate` calls.
     """
 
     def __init__(self, cache, language_model: torch.nn.Module, room: int = ROOM,
                  use_graphs: bool | None = None, options: DecodingOptions = DecodingOptions(),
-                 compile_kernels: bool | None = None):
+                 compile_kernels: bool | None = None, workspaces: WorkspacePool | None = None):
         if room < 1:
             raise ValueError(f"room must be >= 1 decoding step, got {room}")
         self.cache, self.language_model, self.room = cache, language_model, room
@@ -62,13 +66,12 @@ class StaticDecoding:
         if compile_kernels is None:  # compiled where the steps replay from a graph
             compile_kernels = self.use_graphs and options.compile and compile_by_default(device)
         self.step_kernels = StepKernels(language_model, compile=compile_kernels, fuse_products=options.fuse_products)
-        self.write_offset: torch.Tensor | None = None  # device scalar: the step within the current room
-        self.static_bases: torch.Tensor | None = None  # [layers] each layer's static_base, on the device
+        self.workspaces = workspaces
+        self.workspace: Workspace | None = None
+        self.batch = 0  # the real batch; the workspace's may be padded
         self.steps_written = 0
-        self.inputs: dict[str, torch.Tensor] = {}  # the step's tensor inputs, fixed buffers under a graph
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_output = None
-        self.captures = 0
+        self.captures = 0  # graphs captured during this generate
+        self.reused = False  # whether this generate's steps replayed a graph captured by an earlier one
 
     def install(self) -> "StaticDecoding":
         self.language_model.forward = self
@@ -78,12 +81,11 @@ class StaticDecoding:
     def close(self) -> None:
         vars(self.language_model).pop("forward", None)
         self.cache.static_decoding = None
-        self.graph = self.graph_output = None
-        self.inputs = {}
-        if self.write_offset is not None:  # the cache may serve a next turn: give it back its dynamic form
+        if self.workspace is not None:  # the cache may serve a next turn: give it back a dynamic copy
             layers = self.cache.layers
             for index, layer in enumerate(layers):
-                layers[index] = layer.to_dynamic(layer.static_base + self.steps_written)
+                layers[index] = layer.to_dynamic(layer.static_base + self.steps_written, self.batch)
+            self.workspace = None
 
     def undo_steps(self, steps: int) -> None:
         """Forget the last `steps` decoding steps: their slots are masked again and the positions go back.
@@ -106,41 +108,71 @@ class StaticDecoding:
 
     # ----- one step --------------------------------------------------------------------------------
     def decode_step(self, kwargs: dict):
-        if self.write_offset is None or self.steps_written == self.room:
-            self._make_room()
         tensors, constants = self._split_inputs(kwargs)
+        if self.workspace is None:
+            self._bind_workspace(tensors, constants)
+        elif self.steps_written == self.room:
+            self._grow_room()
+        workspace = self.workspace
+        tensors = {name: pad_batch(name, tensor, workspace.batch) for name, tensor in tensors.items()}
         shapes_changed = {k: (v.shape, v.dtype) for k, v in tensors.items()} != {
-            k: (v.shape, v.dtype) for k, v in self.inputs.items()}
-        self.write_offset.fill_(self.steps_written)
-        if self.graph is not None and not shapes_changed:
+            k: (v.shape, v.dtype) for k, v in workspace.inputs.items()}
+        workspace.write_offset.fill_(self.steps_written)
+        if workspace.graph is not None and not shapes_changed:
             for name, tensor in tensors.items():
-                self.inputs[name].copy_(tensor)
-            self.graph.replay()
-            output = self.graph_output
+                workspace.inputs[name].copy_(tensor)
+            workspace.graph.replay()
+            output = workspace.graph_output
         else:
-            self.inputs = {name: tensor.clone() for name, tensor in tensors.items()}
+            workspace.inputs = {name: tensor.clone() for name, tensor in tensors.items()}
             output = self._run(constants)
         self.steps_written += 1
         for layer in self.cache.layers:
             layer.seen_tokens += 1  # what the model's positions come from; the static writes leave it alone
-        return output
+        return self._unpadded(output)
 
-    def _make_room(self) -> None:
-        """Give every layer `room` preallocated slots: the first time by making it a `StaticLayer`, later keeping
-        the `steps_written` tokens written since its room was last made. The unfilled room is masked at every
-        step, so the cache's mask hooks come back."""
+    def _bind_workspace(self, tensors: dict, constants: dict) -> None:
+        """Put the compressed prompt into static buffers: a kept workspace's where one fits, else new ones. The
+        unfilled room is masked at every step, so the cache's mask hooks come back."""
         layers = self.cache.layers
-        if self.write_offset is None:
-            self.write_offset = torch.zeros(1, dtype=torch.long, device=layers[0].keys.device)
-            for index, layer in enumerate(layers):
-                layers[index] = StaticLayer.from_layer(layer, self.write_offset, self.room)
+        self.batch = layers[0].keys.shape[0]
+        pool = self.workspaces
+        if pool is None:
+            self.workspace = Workspace.allocate(layers, self.room, self.batch, [slots_needed(x) for x in layers])
         else:
-            for layer in layers:
-                layer.make_room(layer.static_base + self.steps_written, self.room)
-        self.static_bases = torch.tensor([layer.static_base for layer in layers], device=self.write_offset.device)
+            batch = batch_bucket(self.batch) if paddable(tensors) else self.batch
+            key = pool.key(layers, self.room, batch, self.cache, tensors, constants)
+            self.workspace = pool.take(key, layers)
+            self.reused = self.workspace is not None and self.workspace.graph is not None
+            if self.workspace is None:
+                sizes = [slot_bucket(slots_needed(layer)) for layer in layers]
+                self.workspace = Workspace.allocate(layers, self.room, batch, sizes)
+                pool.keep(key, self.workspace)
+        self.cache.layers[:] = self.workspace.layers
         self.cache.keep_mask_hooks()
         self.steps_written = 0
-        self.graph = self.graph_output = None  # its buffers are gone: capture the next step again
+
+    def _grow_room(self) -> None:
+        """The room ran out: every layer gets `room` more slots, keeping the tokens written since its room was
+        last made. The buffers are new, so the workspace is no longer kept, and the next step is captured again."""
+        workspace = self.workspace
+        for layer in workspace.layers:
+            layer.make_room(layer.static_base + self.steps_written, self.room)
+        if self.workspaces is not None:
+            self.workspaces.discard(workspace)
+        workspace.set_bases()
+        workspace.forget_graph()
+        self.steps_written = 0
+
+    def _unpadded(self, output):
+        """The step's output for this `generate`: the padding rows cut, and its own cache (a replayed graph's
+        output holds none: a kept graph must not keep the cache it was captured with alive)."""
+        fields = {name: value for name, value in output.items() if name not in CACHE_FIELDS}
+        if self.workspace.batch != self.batch:
+            fields = {name: value[: self.batch] if isinstance(value, torch.Tensor) else value
+                      for name, value in fields.items()}
+        fields.update({field.name: self.cache for field in dataclasses.fields(output) if field.name in CACHE_FIELDS})
+        return type(output)(**fields)
 
     def _split_inputs(self, kwargs: dict) -> tuple[dict, dict]:
         """The step's tensors (copied into fixed buffers) and the rest (constant across steps). Positions
@@ -162,26 +194,30 @@ class StaticDecoding:
     def _step(self, constants: dict):
         # Before the attention, each layer's slot for this step becomes valid (the new token attends to itself);
         # the slots (`static_base + write_offset`) are added up for all layers in one kernel.
-        slots = self.static_bases + self.write_offset
+        workspace = self.workspace
+        slots = workspace.static_bases + workspace.write_offset
         for index, layer in enumerate(self.cache.layers):
             layer.start_step(slots[index: index + 1])
         with self.step_kernels:
-            return self.upstream_forward(**constants, **self.inputs)
+            return self.upstream_forward(**constants, **workspace.inputs)
 
     def _run(self, constants: dict):
         """This step, eagerly; on CUDA (unless `use_graphs=False`) also captured for the steps after it."""
         if not self.use_graphs:
             return self._step(constants)
-        device = self.write_offset.device
+        workspace = self.workspace
+        device = workspace.write_offset.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # the eager run before a capture, as CUDA graphs need
             output = self._step(constants)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records the same step; nothing runs
-            self.graph_output = self._step(constants)
-        self.graph = graph
+        pool = self.workspaces.graph_memory_pool() if self.workspaces is not None else None
+        with torch.cuda.graph(graph, pool=pool):  # records the same step; nothing runs
+            captured = self._step(constants)
+        workspace.graph_output = type(captured)(**{k: v for k, v in captured.items() if k not in CACHE_FIELDS})
+        workspace.graph = graph
         self.captures += 1
         return output
 

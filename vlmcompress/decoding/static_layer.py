@@ -1,11 +1,15 @@
 """A cache layer at fixed shapes for static decoding, built from an evicted layer when static decoding starts.
 
-`StaticLayer.from_layer` takes over a `CompressedLayer`'s tensors after the prompt is compressed and gives them
-room for the coming tokens; `to_dynamic` gives them back after `generate`. In between, decoding step t writes
-slot `static_base + write_offset`, where `write_offset` is a device scalar holding t, so a step is the same
-kernels on the same buffers; its token's position is `static_seen_base + write_offset`. A layer that evicts while
-decoding (`capacity` set) instead holds its capacity and one slot more, and each step writes its token into
-`free_slot`, a fixed `[b, h]` buffer that the step's eviction refills in place (`retire`).
+`StaticLayer.from_layer` allocates buffers for a compressed layer's state (`load`) and room for the coming
+tokens; `to_dynamic` gives a copy back after `generate`. In between, decoding step t writes slot
+`static_base + write_offset`, where `write_offset` is a device scalar holding t, so a step is the same kernels on
+the same buffers; its token's position is `static_seen_base + write_offset`. A layer that evicts while decoding
+(`capacity` set) instead holds its capacity and one slot more, and each step writes its token into `free_slot`, a
+fixed `[b, h]` buffer that the step's eviction refills in place (`retire`).
+
+The buffers may be larger than the prompt needs (more rows, more slots: the extra ones invalid), so that the
+next `generate`'s prompt is loaded into the same buffers in place (`fits`, `load`) and the step captured on
+them replays for it (`vlmcompress.decoding.workspace`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from ..glue import additive_mask
 from .grouped_sdpa import GROUPED_SDPA
 
 # What a static layer adds to a `CompressedLayer`; `to_dynamic` drops them.
-STATIC_FIELDS = ("static_base", "static_seen_base", "write_offset", "step_slot", "_static_mask", "_fixed_earliest")
+STATIC_FIELDS = ("static_base", "static_seen_base", "prompt_slots", "used_slots", "write_offset", "step_slot", "_static_mask",
+                 "_fixed_earliest")
+# The tensors a captured step reads by address: `load` writes a new prompt's state into them in place.
+BUFFERS = ("keys", "values", "slot_valid", "positions", "scores", "free_slot", "capacity", "_validity_room",
+           "_mask_room")
 
 
 def lowest_positions(positions: torch.Tensor, valid: torch.Tensor, count: int) -> torch.Tensor:
@@ -30,72 +38,130 @@ def lowest_positions(positions: torch.Tensor, valid: torch.Tensor, count: int) -
     return valid & (positions <= lowest[..., -1:])
 
 
+def slots_needed(layer: CompressedLayer) -> int:
+    """Slots a static layer needs before its room: what `layer` holds; for a layer that evicts while decoding,
+    its capacity and one slot more (after an earlier turn it may hold more slots, the extra ones invalid, which
+    serve as empty slots)."""
+    held = layer.keys.shape[-2]
+    if layer.capacity is None:
+        return held
+    return max(held, int(layer.capacity.max())) + 1
+
+
+def held_per_row(layer: CompressedLayer) -> torch.Tensor:
+    """`[b, h]` valid slots of each row."""
+    if layer.slot_valid is None:
+        return torch.full(layer.keys.shape[:2], layer.keys.shape[2], device=layer.keys.device)
+    return layer.slot_valid.sum(-1)
+
+
 class StaticLayer(CompressedLayer):
     """A `CompressedLayer` whose decoding steps write in place into preallocated slots (module docstring)."""
 
     @classmethod
-    def from_layer(cls, layer: CompressedLayer, write_offset: torch.Tensor, room: int) -> "StaticLayer":
-        """`layer`'s state (its tensors, not copies) with `room` preallocated slots for decoding."""
+    def from_layer(cls, layer: CompressedLayer, write_offset: torch.Tensor, room: int, batch: int | None = None,
+                   slots: int | None = None) -> "StaticLayer":
+        """A static layer holding `layer`'s state (`load`) in buffers for `batch` samples (default: the layer's)
+        and `slots` slots before `room` more for decoding (default: `slots_needed`); the rows and slots beyond
+        the layer's are invalid."""
+        b, h, _, d = layer.keys.shape
+        batch, slots = batch or b, slots or slots_needed(layer)
         static = cls.__new__(cls)
         vars(static).update(vars(layer))
-        static.static_base, static.write_offset, static.step_slot = 0, write_offset, None
+        static.write_offset, static.step_slot = write_offset, None
         # [b, h, groups, 1, slots]: the additive form of slot_valid, changed in place where a step makes a slot
         # valid (one kernel) rather than rebuilt at every step (three)
         static._static_mask = None
         static._fixed_earliest = {}
-        if static.capacity is not None:
-            static._make_evicting_room()
-        else:
-            static.make_room(static.held_tokens, room)
-        static.static_seen_base = static.seen_tokens
+        static.prompt_slots = slots
+        static.static_seen_base = torch.zeros(1, dtype=torch.long, device=layer.keys.device)
+        evicting = layer.capacity is not None
+        total = slots if evicting else slots + room
+        static.keys = layer.keys.new_zeros(batch, h, total, d)
+        static.values = layer.values.new_zeros(batch, h, total, d)
+        static.slot_valid = torch.zeros(batch, h, total, dtype=torch.bool, device=layer.keys.device)
+        if evicting:
+            static.positions = layer.positions.new_zeros(batch, h, total)
+            static.scores = layer.scores.new_zeros(batch, h, total) if layer.scores is not None else None
+            static.free_slot = torch.zeros(batch, h, dtype=torch.long, device=layer.keys.device)
+            static.capacity = layer.capacity.new_zeros(batch)
+        static.load(layer)
         return static
+
+    def fits(self, layer: CompressedLayer) -> bool:
+        """Whether `load` can take `layer`: the same kind of layer, at most as many samples and slots."""
+        b, h, _, d = layer.keys.shape
+        return (self.keys.shape[0] >= b and self.keys.shape[1] == h and self.keys.shape[3] == d
+                and layer.keys.dtype == self.keys.dtype and layer.keys.device == self.keys.device
+                and (layer.capacity is None) == (self.capacity is None)
+                and (layer.scores is None) == (self.scores is None)
+                and slots_needed(layer) <= self.prompt_slots
+                and all(fixed is None or bool((held_per_row(layer) > count).all())
+                        for count, fixed in self._fixed_earliest.items()))
+
+    def load(self, layer: CompressedLayer) -> None:
+        """Write `layer`'s state (a new prompt's, compressed) into these buffers in place, so that a step
+        captured on them serves it: its slots first, every other slot and row invalid."""
+        b, _, held, _ = layer.keys.shape
+        for name, value in vars(layer).items():
+            if name not in BUFFERS:
+                setattr(self, name, value)
+        self.keys[:b, :, :held].copy_(layer.keys)
+        self.values[:b, :, :held].copy_(layer.values)
+        self.slot_valid.zero_()
+        if layer.slot_valid is None:
+            self.slot_valid[:b, :, :held] = True
+        else:
+            self.slot_valid[:b, :, :held].copy_(layer.slot_valid)
+        self.static_seen_base.fill_(layer.seen_tokens)
+        # Slots this prompt's decoding occupies; those of a layer that evicts: a step takes the first empty
+        # slot unless its row is over capacity, so its tokens stay within them.
+        self.used_slots = slots_needed(layer)
+        if self.capacity is None:
+            self.static_base = held
+        else:
+            self.static_base = 0
+            self.positions[:b, :, :held].copy_(layer.positions)
+            if self.scores is not None:
+                self.scores[:b, :, :held].copy_(layer.scores)
+            self.free_slot.fill_(held)  # the first step's token goes after the prompt's
+            self.capacity.zero_()  # a padding row holds only its own token, retired at every step
+            self.capacity[:b].copy_(layer.capacity)
+        if self._static_mask is not None:
+            self._static_mask.copy_(additive_mask(self.slot_valid[:, :, None, None], self._static_mask.dtype)
+                                    .expand_as(self._static_mask))
+        for count, fixed in self._fixed_earliest.items():
+            if fixed is not None:
+                self._sinks(count, into=fixed)
 
     def make_room(self, filled: int, room: int) -> None:
         """Keep the first `filled` slots and preallocate `room` more, invalid until written. A layer that evicts
         while decoding keeps its buffers: only its position base moves."""
-        self.static_seen_base = self.seen_tokens
+        self.static_seen_base.fill_(self.seen_tokens)
         if self.capacity is not None:
             return
         b, h, _, d = self.keys.shape
-        valid = self.slot_valid[..., :filled] if self.slot_valid is not None else self.keys.new_ones(
-            b, h, filled, dtype=torch.bool)
         self.keys = torch.cat([self.keys[:, :, :filled], self.keys.new_zeros(b, h, room, d)], dim=2)
         self.values = torch.cat([self.values[:, :, :filled], self.values.new_zeros(b, h, room, d)], dim=2)
+        valid = self.slot_valid[..., :filled]
         self.slot_valid = torch.cat([valid, valid.new_zeros(b, h, room)], dim=-1)
-        self._validity_room = self._mask_room = self._static_mask = None
-        self.static_base = filled
+        self._static_mask = None
+        self.static_base = self.prompt_slots = filled
 
-    def _make_evicting_room(self) -> None:
-        """Eager decoding's steady state at fixed shapes: `max(capacity) + 1` slots, each step's token written
-        into `free_slot` (first the slot after the prompt's). Padding, room not yet grown into and the retired
-        slot are invalid."""
-        b, h, held, _ = self.keys.shape
-        # A layer holds at most its capacity after prefill; after an earlier turn it may hold more slots, the
-        # extra ones invalid, which serve as empty slots.
-        empty = max(1, int(self.capacity.max()) + 1 - held)
-        valid = self.slot_valid
-        if valid is None:
-            valid = self.keys.new_ones(b, h, held, dtype=torch.bool)
-
-        def grown(tensor):
-            return torch.cat([tensor, tensor.new_zeros(b, h, empty, *tensor.shape[3:])], dim=2)
-
-        self.keys, self.values, self.positions, self.slot_valid = map(grown, (self.keys, self.values, self.positions,
-                                                                              valid))
-        if self.scores is not None:
-            self.scores = grown(self.scores)
-        self.free_slot = torch.full((b, h), held, dtype=torch.long, device=self.keys.device)
-        self._validity_room = self._mask_room = None
-
-    def to_dynamic(self, filled: int) -> CompressedLayer:
-        """Back to a `CompressedLayer` after static decoding, so that a next turn can append to it: a layer that
-        does not evict keeps its first `filled` slots (the room's unwritten rest goes), one that evicts keeps
-        its buffers, the slot it retired last left invalid."""
-        if self.capacity is None:
-            self.keys, self.values = self.keys[:, :, :filled], self.values[:, :, :filled]
-            self.slot_valid = self.slot_valid[..., :filled]
+    def to_dynamic(self, filled: int, batch: int) -> CompressedLayer:
+        """A `CompressedLayer` with copies of the first `batch` rows, so that a next turn can append to it while
+        these buffers serve another `generate`: a layer that does not evict keeps its first `filled` slots (the
+        room's unwritten rest goes), one that evicts the slots its prompt's decoding used, the slot it retired
+        last left invalid."""
+        end = filled if self.capacity is None else self.used_slots
         dynamic = CompressedLayer.__new__(CompressedLayer)
         vars(dynamic).update({name: value for name, value in vars(self).items() if name not in STATIC_FIELDS})
+        for name in ("keys", "values", "slot_valid", "positions", "scores"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(dynamic, name, tensor[:batch, :, :end].clone())
+        if self.capacity is not None:
+            dynamic.capacity = self.capacity[:batch].clone()
         dynamic.free_slot = None
         if bool(dynamic.slot_valid.all()):
             dynamic.slot_valid = None
@@ -160,10 +226,18 @@ class StaticLayer(CompressedLayer):
         `count` tokens makes no new ones. Where some row holds fewer (its next tokens join them), they are
         searched by position at every step."""
         if count not in self._fixed_earliest:
-            enough = bool((self.slot_valid.sum(-1) > count).all())
-            self._fixed_earliest[count] = first_valid(self.slot_valid, count) if enough else None
+            self._fixed_earliest[count] = self._sinks(count)
         fixed = self._fixed_earliest[count]
         return fixed if fixed is not None else lowest_positions(self.positions, self.slot_valid, count)
+
+    def _sinks(self, count: int, into: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The first `count` valid slots of each row (written in place into `into`, which a captured step reads),
+        or None where some sample's row holds `count` or fewer (a batch's padding rows, capacity 0, hold none)."""
+        short = (self.slot_valid.sum(-1) <= count) & (self.capacity[:, None] > 0)
+        if into is None and bool(short.any()):
+            return None
+        sinks = first_valid(self.slot_valid, count)
+        return sinks if into is None else into.copy_(sinks)
 
     def undo_steps(self, written: int, steps: int) -> None:
         """Mask again the slots of the last `steps` of the `written` steps (`StaticDecoding.undo_steps`)."""

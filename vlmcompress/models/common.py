@@ -13,6 +13,7 @@ from ..cache.full import FullCache
 from ..config import CompressionSettings
 from ..decoding.options import activated
 from ..decoding.static import ROOM, StaticDecoding, deferred_stop_check
+from ..decoding.workspace import WorkspacePool
 from ..glue import cache_argument, language_model_of, passed_cache, reject_right_padding, visual_token_ids
 
 
@@ -46,6 +47,18 @@ class CompressionMixin:
             return FullCache().attach(self) if self.compression.cuda_graphs else DynamicCache(config=self.config)
         return self.compression.kv.make_cache().attach(self)
 
+    def decoding_workspaces(self) -> WorkspacePool:
+        """The static buffers and captured steps this model keeps across `generate` calls (`decoding.workspace`)."""
+        pool = vars(self).get("_decoding_workspaces")
+        if pool is None or pool.size != self.compression.decoding.kept_graphs:
+            pool = self._decoding_workspaces = WorkspacePool(self.compression.decoding.kept_graphs)
+        return pool
+
+    def release_decoding_buffers(self) -> None:
+        """Free the static buffers and CUDA graphs kept for later `generate` calls now (they also go with the
+        model); the next `generate` captures again."""
+        vars(self).pop("_decoding_workspaces", None)
+
     def generate(self, *args, **kwargs):
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
@@ -61,7 +74,8 @@ class CompressionMixin:
             # Compression point: decoding. The language model's decoding steps run at fixed shapes, from a CUDA graph.
             config = kwargs.get("generation_config") or self.generation_config
             room = kwargs.get("max_new_tokens") or config.max_new_tokens or ROOM
-            static = StaticDecoding(cache, language_model_of(self), room=room, options=options).install()
+            static = StaticDecoding(cache, language_model_of(self), room=room, options=options,
+                                    workspaces=self.decoding_workspaces()).install()
         deferring = static is not None and options.defer_stop_check
         try:
             with activated(options), deferred_stop_check() if deferring else contextlib.nullcontext():
