@@ -159,7 +159,9 @@ def test_registry_and_options():
     ("wanda", 0.5, "2-4", ["2:4", "4:8", "unstructured"]),
     ("wanda", 0.5, "4:2", ["0 < N < M"]),
     ("sparsegpt", 0.3, "2:4", ["sparsity_ratio=0.5"]),
-    ("ecoflap", 0.5, "2:4", ["unstructured"]),
+    ("ecoflap", 0.3, "2:4", ["sparsity_ratio=0.5"]),
+    ("ecoflap", 0.5, "2/4", ["2:4", "4:8", "unstructured"]),
+    ("ecoflap", 0.5, "4:4", ["0 < N < M"]),
 ])
 def test_bad_arguments(method, ratio, pattern, words):
     with pytest.raises(ValueError) as error:
@@ -172,6 +174,8 @@ def test_bad_arguments(method, ratio, pattern, words):
     ("magnitude", "unstructured", {"comparison": "column"}, ["comparison", "layer", "row"]),
     ("sparsegpt", "4:8", {"blocksize": 12}, ["blocksize", "multiple of M"]),
     ("ecoflap", "unstructured", {"max_layer_ratio": 0.4}, ["max_layer_ratio"]),
+    ("ecoflap", "2:4", {"max_layer_ratio": 0.7, "zo_samples": 8}, ["'max_layer_ratio', 'zo_samples'", "no effect",
+                                                                    "unstructured"]),
     ("wanda", "unstructured", {"blocksize": 64}, ["valid options"]),
     ("wanda", "unstructured", {"targets": "decoder"}, ["language_model"]),
 ])
@@ -194,6 +198,8 @@ def test_valid_arguments():
     assert validate_sparsity_args("sparsegpt", 0.5, "4:8") == ("sparsegpt", 0.5, (4, 8))
     assert validate_sparsity_args("magnitude", 0, "2:4") == ("magnitude", 0.0, (2, 4))
     assert validate_sparsity_args("ecoflap", 0.7) == ("ecoflap", 0.7, None)
+    assert validate_sparsity_args("ecoflap", 0.5, "4:8") == ("ecoflap", 0.5, (4, 8))
+    assert validate_sparsity_args("ecoflap", 0.5, "2:4", zo_samples=32) == ("ecoflap", 0.5, (2, 4))  # the default
 
 
 @pytest.fixture
@@ -207,6 +213,8 @@ def test_errors_leave_the_model_untouched(qwen):
     # 3:5 does not divide the 64-wide inputs: the error names a layer and the fix
     with pytest.raises(ValueError, match=r"model\.(language_model|visual)\..*in_features=64.*unstructured"):
         sparsify(model, processor, "wanda", 0.4, "3:5", calibration_rows(1), progress=False)
+    with pytest.raises(ValueError, match=r"in_features=64.*unstructured"):
+        sparsify(model, processor, "ecoflap", 0.4, "3:5", calibration_rows(1), progress=False)
     with pytest.raises(ValueError, match="empty"):
         sparsify(model, processor, "wanda", 0.5, calibration=[], progress=False)
     import datasets
@@ -262,6 +270,8 @@ def expected_zeros(method, shape, ratio, nm, options):
     ("sparsegpt", "unstructured", 0.55, {"blocksize": 48}),
     ("sparsegpt", "2:4", 0.5, {}),
     ("sparsegpt", "4:8", 0.5, {"blocksize": 32}),
+    ("ecoflap", "2:4", 0.5, {}),
+    ("ecoflap", "4:8", 0.5, {}),
 ])
 def test_exact_sparsity_and_nm_groups(qwen, method, pattern, ratio, options):
     model, processor = qwen
@@ -472,6 +482,51 @@ def test_ecoflap_on_a_model(qwen):
         assert torch.equal(w[keep], weights(dense)[name][keep]), name
 
 
+def literal_ecoflap_nm_mask(W, X, n, m):
+    """ECoFLaP's N:M branch as the reference code runs it (LAVIS wanda_pruner.py `_prune`, `prune_n != 0`): the
+    block's ratio is not read; score |W_ij| * sqrt(scaler_j), scaler_j the mean over tokens of X_tj^2 (its running
+    mean: Wanda's squared norm up to a constant), and each row loses the m - n lowest of every m inputs."""
+    cols = W.shape[1]
+    tokens = X.shape[0]
+    scaler = [sum(float(x) ** 2 for x in X[:, j].tolist()) / tokens for j in range(cols)]
+    scores = [[abs(float(W[i, j])) * math.sqrt(scaler[j]) for j in range(cols)] for i in range(W.shape[0])]
+    return literal_nm_mask(scores, n, m)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_ecoflap_nm_mask_equals_literal_reference(real_layer_inputs, pattern):
+    n, m = (int(x) for x in pattern.split(":"))
+    prune = SPARSITY_METHODS["ecoflap"].prune
+    for name, (W, X) in real_layer_inputs.items():
+        W = W.float()
+        pruned, mask = prune(W, X.pow(2).sum(0).float(), 1 - n / m, (n, m))
+        assert torch.equal(mask, literal_ecoflap_nm_mask(W, X, n, m)), name
+        assert torch.equal(pruned, W.masked_fill(mask, 0)), name
+        zeros_per_group = (pruned.reshape(W.shape[0], -1, m) == 0).sum(-1)
+        assert bool((zeros_per_group == m - n).all()), name  # exactly M - N zeros in every group of M inputs
+
+
+def test_ecoflap_nm_on_a_model(monkeypatch):
+    """At N:M the whole model is pruned block by block with the N:M masks (sequential calibration), every block
+    at 1 - N/M, and no zeroth-order forward runs."""
+    import vlmcompress.sparsity as sparsity
+
+    monkeypatch.setattr(sparsity, "zeroth_order_scores", lambda *a, **k: pytest.fail("coarse stage ran at N:M"))
+    model, processor = build_tiny_model("qwen2_vl")
+    rows = calibration_rows(2)
+    reference = literal_sequential_wanda(copy.deepcopy(model), processed(processor, rows), RATIO, (2, 4))
+    report = sparsify(model, processor, "ecoflap", RATIO, "2:4", rows, progress=False)
+    got, expected = weights(model), weights(reference)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert report.block_ratios == {} and report.block_scores == {}
+    assert all(layer.target == RATIO for layer in report.layers)
+    assert set(report.options) == {"num_samples"}  # the coarse-stage options did not apply
+    inputs = processed(processor, rows[:1])[0]
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[-1] == inputs["input_ids"].shape[-1] + 3
+
+
 def test_ecoflap_scores_track_gradient_norms():
     """The forward-only block scores estimate E|z . grad| = sqrt(2/pi) ||grad||: same ranking of the blocks as
     the true (backpropagated) gradient norms of the same loss, and the same size within a factor 2."""
@@ -552,14 +607,15 @@ def test_save_pretrained_keeps_the_zeros(qwen, tmp_path):
         assert int((loaded.get_submodule(layer.name).weight == 0).sum()) == layer.zeros
 
 
-def test_load_applies_sparsity(tmp_path):
+@pytest.mark.parametrize("method", ["wanda", "ecoflap"])
+def test_load_applies_sparsity(tmp_path, method):
     import vlmcompress
     from vlmcompress.testing import save_tiny_model
 
     path = save_tiny_model("internvl", tmp_path / "internvl")
-    model = vlmcompress.load(str(path), sparsity="wanda", sparsity_ratio=0.5, sparsity_pattern="2:4",
+    model = vlmcompress.load(str(path), sparsity=method, sparsity_ratio=0.5, sparsity_pattern="2:4",
                              num_samples=2, progress=False)
-    assert model.sparsity_report.overall == pytest.approx(0.5)
+    assert model.sparsity_report.method == method and model.sparsity_report.overall == pytest.approx(0.5)
     assert (model.model.language_model.layers[0].mlp.up_proj.weight == 0).float().mean() == 0.5
     processor = __import__("transformers").AutoProcessor.from_pretrained(path)
     inputs = processor(text=[chat_prompt(processor, "What is it?")], images=[random_image(0)], return_tensors="pt")

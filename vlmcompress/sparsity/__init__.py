@@ -46,18 +46,13 @@ def validate_sparsity_args(method, ratio, pattern="unstructured", **options):
     """Check method, ratio, pattern and options; return (method name, ratio as float, (N, M) or None).
 
     ValueError (naming the valid choices) for an unknown method, a ratio outside [0, 1) or not a number,
-    a malformed pattern, an N:M pattern whose sparsity 1 - N/M differs from a nonzero ratio, ECoFLaP
-    with N:M (its per-block ratios need unstructured sparsity), and an unknown or bad option (`targets` or the
-    method's own, `method_options`).
+    a malformed pattern, an N:M pattern whose sparsity 1 - N/M differs from a nonzero ratio, and an unknown or
+    bad option (`targets` or the method's own, `method_options`; ECoFLaP's coarse-stage options at N:M).
     """
     spec = get_method(method)
     ratio = validate_ratio(ratio)
     nm = parse_pattern(pattern)
     check_nm_ratio(ratio, nm, pattern)
-    if nm is not None and not spec.supports_nm:
-        raise ValueError(f"{spec.name} allocates a different ratio to each block, which an N:M pattern cannot "
-                         f"express: use sparsity_pattern='unstructured', or wanda/sparsegpt/magnitude for "
-                         f"{pattern!r}")
     if "targets" in options:
         _normalize_targets(options["targets"])
     method_options(spec, ratio, nm, {k: v for k, v in options.items() if k not in COMMON_OPTIONS})
@@ -154,9 +149,9 @@ def sparsify(
         progress: tqdm progress bars.
         calibration_seed: seed of the default set (and of ECoFLaP's noise).
         **options: the method's own options (`SPARSITY_METHODS[method].options`): magnitude `comparison`
-            ("layer"/"row"); sparsegpt `blocksize` (128), `percdamp` (0.01); ecoflap `max_layer_ratio`
-            (ratio + 0.1), `min_layer_ratio` (0), `zo_samples` (32), `zo_batch_size` (8), `zo_eps` (1e-3),
-            `num_noise` (1), `zo_granularity` ("block").
+            ("layer"/"row"); sparsegpt `blocksize` (128), `percdamp` (0.01); ecoflap, unstructured only (at N:M
+            it has no coarse stage), `max_layer_ratio` (ratio + 0.1), `min_layer_ratio` (0), `zo_samples` (32),
+            `zo_batch_size` (8), `zo_eps` (1e-3), `num_noise` (1), `zo_granularity` ("block").
     """
     name, ratio, nm = validate_sparsity_args(method, ratio, pattern)
     spec = SPARSITY_METHODS[name]
@@ -181,13 +176,11 @@ def sparsify(
                 samples = prepare_calibration(processor, calibration, num_samples, calibration_seed)
                 report.num_samples = len(samples)
                 report.calibration_tokens = int(sum(s["input_ids"].numel() for s in samples))
-            if name == "ecoflap":
+            layer_opts = {} if name == "ecoflap" else opts
+            if name == "ecoflap" and nm is None:  # at N:M every block is at 1 - N/M (ecoflap.py docstring)
                 block_ratio, report.block_scores = _ecoflap_ratios(model, processor, stacks, samples, ratio, opts,
                                                                    calibration_seed, progress)
                 report.block_ratios = dict(block_ratio)
-                layer_opts = {}
-            else:
-                layer_opts = opts
             for stack in stacks:
                 _prune_stack(model, stack, spec, samples, block_ratio, nm, layer_opts, progress)
 

@@ -127,7 +127,6 @@ class SparsityMethod:
     prune: Callable
     options: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
-    supports_nm: bool = True
     description: str = ""
     # check(ratio, nm, options) -> options: the method's own options checked (a ValueError naming the fix) and
     # completed for this ratio and N:M pattern, before any weight is read

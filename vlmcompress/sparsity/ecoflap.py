@@ -14,6 +14,13 @@ separately and sums, `zo_granularity="linear"`, which costs one pair of forwards
 block); `zo_samples=32` samples in batches of `zo_batch_size=8` (the reference: 128 in batches of 8).
 The loss L is the language-modelling loss of the calibration texts (image and special tokens ignored).
 The mean of the block ratios weighted by block size is the target; every ratio lies in [r_min, r_max].
+
+N:M ("2:4", "4:8"): as the reference code (LAVIS/lavis/compression/pruners/wanda_pruner.py, the `_prune`
+methods of `T5LayerWandaPruner` and `VITLayerWandaPruner`): its `prune_n != 0` branch never reads the
+per-block ratios; in each row, every group of M consecutive inputs loses its M - N lowest |W| * ||X_j||_2 (the
+same Wanda score, sequential calibration as for the unstructured fine stage). Every block is therefore at
+1 - N/M, and the coarse stage, which the reference runs and then ignores, is skipped here (same mask, no
+zeroth-order forwards); its options are refused at N:M rather than silently unused.
 """
 
 from __future__ import annotations
@@ -64,11 +71,25 @@ def ecoflap_allocate(scores, sizes, target: float, max_ratio: float | None = Non
     return ratios.tolist()
 
 
+# The coarse stage's options (all of ECoFLaP's own), with their defaults.
+OPTIONS = {"max_layer_ratio": None, "min_layer_ratio": 0.0, "zo_samples": 32, "zo_batch_size": 8, "zo_eps": 1e-3,
+           "num_noise": 1, "zo_granularity": "block"}
+
+
 def validate_options(ratio: float, nm, opts: dict) -> dict:
     """Check ECoFLaP's options before any weight changes; fills in the default `max_layer_ratio`. A ratio of 0
-    prunes nothing, so nothing needs checking."""
+    prunes nothing, so nothing needs checking. At N:M there is no coarse stage (module docstring): its options
+    are refused when set to anything but their defaults, and none are returned."""
     if ratio == 0:
         return opts
+    if nm is not None:
+        changed = sorted(k for k, v in opts.items() if v != OPTIONS[k])
+        if changed:
+            raise ValueError(
+                f"ecoflap with sparsity_pattern '{nm[0]}:{nm[1]}' prunes every block at 1 - N/M (the reference "
+                f"code's N:M branch ignores the per-block ratios), so the coarse-stage option(s) {changed} have "
+                f"no effect: drop them, or use sparsity_pattern='unstructured' for per-block ratios")
+        return {}
     opts = dict(opts)
     if opts["max_layer_ratio"] is None:
         opts["max_layer_ratio"] = default_max_ratio(ratio)
@@ -164,8 +185,6 @@ def _prune(weight, stats, ratio, nm):
 
 
 METHOD = SparsityMethod(
-    name="ecoflap", stats="norm", prune=_prune, supports_nm=False, check=validate_options,
-    options={"max_layer_ratio": None, "min_layer_ratio": 0.0, "zo_samples": 32, "zo_batch_size": 8,
-             "zo_eps": 1e-3, "num_noise": 1, "zo_granularity": "block"},
-    description="per-block ratios from zeroth-order global scores, then Wanda per block",
+    name="ecoflap", stats="norm", prune=_prune, check=validate_options, options=OPTIONS,
+    description="per-block ratios from zeroth-order global scores, then Wanda per block (N:M: Wanda's N:M masks)",
 )
