@@ -110,7 +110,7 @@ class CompressedCache(DynamicCache):
         constructor does, without making a cache; a `ValueError` naming the valid values otherwise."""
         merge = resolve_merge(options.pop("merge", cls.merge_default))
         parts = {"policy": (policy, cls.policy_class), "allocation": (allocation, cls.allocation_class)}
-        built, valid = {}, set()
+        built, valid = {}, {"merge"}
         for role, (given, part_class) in parts.items():
             names = {option.name for option in fields(part_class)} if given is None and part_class else set()
             valid |= names
