@@ -6,7 +6,8 @@ to keep) and an allocation (how many per layer). Its life:
 1. Prefill: the attention modules run unchanged on the full prompt. Right after each
    layer's attention (a forward hook on the module) the method scores the prompt's keys,
    the budget says how many to keep, and the layer's key/value tensors are replaced by
-   gathered copies of the kept slots: the full tensors are freed, not masked.
+   gathered copies of the kept slots (with a merging strategy, `merge=`, the evicted entries
+   merged into them first): the full tensors are freed, not masked.
 2. Decoding: new tokens are appended. Positions stay the original ones because
    `get_seq_length()` reports tokens *seen*, which is what the models use for rotary
    phases (and Qwen2-VL for its M-RoPE offsets), while `get_mask_sizes()` reports the
