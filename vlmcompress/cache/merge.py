@@ -2,7 +2,7 @@
 every KV method: `load(kv="snapkv", merge="pivotal")`, or `CompressedCache(0.1, policy=SnapKV(), merge=Pivotal())`.
 
 At prefill, once a layer's kept slots are chosen, each evicted real token e of a (sample, KV head) goes to the kept
-entry p of the same (sample, head) whose key is the most cosine-similar to its key (the first such in position
+entry p of the same (sample, head) whose key is the most cosine-similar to its key (on the CPU, the first in position
 order on a tie), and every kept entry becomes, for its key and its value alike (x = k or v),
 
     x_p <- (x_p + Σ_{e -> p} c_e) / (1 + |{e -> p}|)
