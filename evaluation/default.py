@@ -66,8 +66,10 @@ DEFAULT = {
         # reference tests use); the short prompts are ~120 tokens, the long-context ones ~300
         "configs": grid("kv", {"streamingllm": {}, "h2o": {}, "snapkv": {"window_size": 16},
                                "pyramidkv": {"window_size": 16}, "vlcache": {"window_size": 16},
-                               "random": {"window_size": 16}},
-                        [0.1, 0.2, 0.5]),
+                               "random": {"window_size": 16}, "lookm": {}},
+                        [0.1, 0.2, 0.5])
+        # merging (`merge=`) on the question-aware method: what it adds at the smallest budgets
+        + grid("kv", {"snapkv": {"window_size": 16, "merge": "pivotal"}}, [0.1, 0.2]),
         "prune_configs": grid("prune", {"fastv": {}, "visionzip": {}, "prumerge": {}, "prumerge+": {}},
                               [0.25, 0.5]),
         "gen_kwargs": {"max_new_tokens": 8},
@@ -144,7 +146,8 @@ def _configs_text(configs: list[dict]) -> str:
     groups: dict[tuple[str, str], list] = {}
     for c in configs:
         kind = "kv" if c.get("kv") else "prune" if c.get("prune") else "other"
-        groups.setdefault((kind, c.get(kind, "?")), []).append(c.get(f"{kind}_budget"))
+        method = c.get(kind, "?") + (f"+merge={c['merge']}" if c.get("merge") else "")
+        groups.setdefault((kind, method), []).append(c.get(f"{kind}_budget"))
     kv = [f"{m}@{'/'.join(str(b) for b in bs)}" for (k, m), bs in groups.items() if k == "kv"]
     prune = [f"{m}@{'/'.join(str(b) for b in bs)}" for (k, m), bs in groups.items() if k == "prune"]
     parts = [f"{sum(1 for c in configs if c.get('kv'))} KV ({', '.join(kv)})"] if kv else []

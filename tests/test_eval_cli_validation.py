@@ -66,6 +66,8 @@ BAD_ARGUMENTS = [
     ([], "foo=1", "--model_args: unknown option foo=1: no method is chosen to take it"),
     ([], "kv=h2o,window_size=8", "--model_args: unknown option window_size=8 for the chosen methods (kv=h2o)"),
     ([], "kv=snapkv,kernel_size=4", "--model_args: kernel_size must be an odd int >= 1, got 4"),
+    ([], "kv=snapkv,merge=pivo", "--model_args: unknown KV-merge method 'pivo'; choose one of ['average', 'pivotal', "
+                                 "'weighted']"),
     ([], "kv=snapkv,kv_budget=0", "--model_args: kv_budget=0 keeps no token"),
     ([], "prune=no_such_pruner,prune_budget=0.5", "no_such_pruner"),
     ([], "kv=snapkv,kv=h2o", "--model_args: kv is given twice"),

@@ -185,3 +185,35 @@ def test_random_keeps_the_window_and_a_seeded_uniform_sample_of_the_prefix(tiny_
                              for h in range(heads)])
         assert_kept(kept_per_layer, expected)
     assert any(not torch.equal(a, b) for a, b in zip(kept[0], kept[7]))  # the seed decides the sample
+
+
+@pytest.mark.parametrize("arch,share", [("llava_onevision", 0.3), ("llava_onevision", 0.6), ("qwen2_vl", 0.3),
+                                        ("qwen2_vl", 0.97)])
+def test_lookm_keeps_the_recent_window_then_text_then_visual_tokens(tiny_dirs, processors, arch, share):
+    """LOOK-M's text-prior eviction: the last max(1, floor(budget / 10)) tokens, then the text tokens by
+    accumulated attention over every prompt query, then the visual ones by the same score. The shares keep part of
+    the text (0.3), or all of it and part of the visual tokens (0.6: 65 text and 70 visual tokens; 0.97: 67 and 4)."""
+    inputs = image_inputs(processors[arch])
+    n = inputs["input_ids"].shape[1]
+    config = upstream_model(tiny_dirs[arch]).config
+    visual_ids = {config.image_token_id, getattr(config, "video_token_id", None)}
+    visual = {j for j, token in enumerate(inputs["input_ids"][0].tolist()) if token in visual_ids}
+    maps, groups = attention_maps(tiny_dirs[arch], inputs)
+    kept = compressed_prefill(tiny_dirs[arch], inputs, "lookm", share)
+    budget = round_half_up(share * n)
+    recent = max(1, math.floor(budget * 0.1))
+    expected = []
+    for attention in maps:
+        accumulated = [[sum(float(attention[h, i, j]) for i in range(n)) for j in range(n)]
+                       for h in range(attention.shape[0])]
+        heads = []
+        for kv_head in range(attention.shape[0] // groups):
+            score = mean_over_group(accumulated, kv_head, groups)
+            older = range(n - recent)
+            # text first: ranked by (is text, score)
+            order = sorted(older, key=lambda j: (j in visual, -score[j]))
+            heads.append(set(order[: budget - recent]) | set(range(n - recent, n)))
+        expected.append(heads)
+    assert_kept(kept, expected)
+    kept_visual = {len(head & visual) for layer in expected for head in layer}
+    assert kept_visual == {0} if share == 0.3 else 0 < min(kept_visual) and max(kept_visual) < len(visual)

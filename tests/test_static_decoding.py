@@ -61,7 +61,7 @@ def static_steps(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("method", [None, "snapkv", "pyramidkv", "vlcache"])
+@pytest.mark.parametrize("method", [None, "snapkv", "pyramidkv", "vlcache", "lookm"])
 def test_static_decoding_equals_eager_decoding(tiny_dirs, processors, static_steps, arch, method):
     inputs = image_inputs(processors[arch], QUESTIONS)
     eager_model = load(tiny_dirs[arch], method)

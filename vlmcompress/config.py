@@ -139,7 +139,7 @@ def build_settings(
     kv_settings = None
     if kv is not None:
         cache_class = get_cache_class(kv)
-        budget, _, _ = cache_class.validate(DEFAULT_KV_BUDGET if kv_budget is None else kv_budget, **routed["kv"])
+        budget = cache_class.validate(DEFAULT_KV_BUDGET if kv_budget is None else kv_budget, **routed["kv"])[0]
         kv_settings = KVSettings(cache_class.name, budget, routed["kv"])
 
     prune_settings = None

@@ -45,7 +45,8 @@ def load(
 
     Args:
         pretrained: a Hugging Face hub id or a local folder written by `save_pretrained`.
-        kv: KV-cache eviction method (`streamingllm`, `h2o`, `snapkv`, `pyramidkv`, `vlcache`, `random`) or None.
+        kv: KV-cache eviction method (`streamingllm`, `h2o`, `snapkv`, `pyramidkv`, `vlcache`, `random`, `lookm`)
+            or None; the option `merge=` merges what it evicts into what it keeps (`vlmcompress.cache.merge`).
         kv_budget: float in (0, 1], share of prompt tokens kept (mean over layers), or int >= 1,
             tokens kept per layer. Default 0.1 when `kv` is set.
         prune / prune_budget: visual-token pruning method and share (or count) of visual tokens kept.

@@ -1,5 +1,6 @@
-"""KV-cache eviction: one cache (`CompressedCache`) over each method's `Policy` and an allocation, a
-`transformers.Cache` class per method, registered by name (`KV_METHODS`, `register_policy`)."""
+"""KV-cache eviction: one cache (`CompressedCache`) over each method's `Policy`, an allocation and, optionally, a
+merging strategy (`merge`); a `transformers.Cache` class per method, registered by name (`KV_METHODS`,
+`register_policy`)."""
 
 from ..registry import Registry
 from .allocation import Density, Pyramid, Uniform
@@ -7,6 +8,8 @@ from .base import CompressedCache, validate_budget
 from .context import DecodeContext, PromptContext
 from .h2o import H2O, H2OCache
 from .layer import CompressedLayer
+from .lookm import LookM, LookMCache
+from .merge import MERGE_STRATEGIES, Average, Merge, Pivotal, Weighted
 from .policy import PROTECTED, Policy, Scores
 from .pyramidkv import PyramidKVCache
 from .random_eviction import Random, RandomCache
@@ -16,7 +19,8 @@ from .vlcache import VLCache, VLCacheCache
 
 # "SnapKV", "snap-kv" and "snap_kv" all name snapkv
 KV_METHODS = Registry("KV-cache", normalize=lambda name: name.strip().lower().replace("-", "").replace("_", ""))
-for method in (StreamingLLMCache, H2OCache, SnapKVCache, PyramidKVCache, VLCacheCache, RandomCache):
+for method in (StreamingLLMCache, H2OCache, SnapKVCache, PyramidKVCache, VLCacheCache, RandomCache,
+               LookMCache):
     KV_METHODS.register(method)
 
 
@@ -36,6 +40,7 @@ def register_policy(policy_class: type[Policy], name: str, allocation_class: typ
 __all__ = [
     "KV_METHODS", "get_cache_class", "register_policy", "CompressedCache", "CompressedLayer", "Policy", "Scores",
     "PROTECTED", "PromptContext", "DecodeContext", "Uniform", "Pyramid", "Density", "validate_budget",
-    "StreamingLLM", "H2O", "SnapKV", "VLCache", "Random",
-    "StreamingLLMCache", "H2OCache", "SnapKVCache", "PyramidKVCache", "VLCacheCache", "RandomCache",
+    "StreamingLLM", "H2O", "SnapKV", "VLCache", "Random", "LookM",
+    "StreamingLLMCache", "H2OCache", "SnapKVCache", "PyramidKVCache", "VLCacheCache", "RandomCache", "LookMCache",
+    "MERGE_STRATEGIES", "Merge", "Average", "Pivotal", "Weighted",
 ]

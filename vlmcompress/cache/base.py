@@ -6,7 +6,8 @@ to keep) and an allocation (how many per layer). Its life:
 1. Prefill: the attention modules run unchanged on the full prompt. Right after each
    layer's attention (a forward hook on the module) the method scores the prompt's keys,
    the budget says how many to keep, and the layer's key/value tensors are replaced by
-   gathered copies of the kept slots: the full tensors are freed, not masked.
+   gathered copies of the kept slots (with a merging strategy, `merge=`, the evicted entries
+   merged into them first): the full tensors are freed, not masked.
 2. Decoding: new tokens are appended. Positions stay the original ones because
    `get_seq_length()` reports tokens *seen*, which is what the models use for rotary
    phases (and Qwen2-VL for its M-RoPE offsets), while `get_mask_sizes()` reports the
@@ -43,6 +44,7 @@ from . import hooks
 from .allocation import Uniform
 from .context import DecodeContext, PromptContext
 from .layer import CompressedLayer
+from .merge import Merge, resolve_merge
 from .policy import Policy, Scores
 
 
@@ -55,6 +57,8 @@ class CompressedCache(DynamicCache):
     """The eviction cache. A method's cache class names its `policy_class` and, where not uniform, its
     `allocation_class`; the options of both are its keyword options (`SnapKVCache(budget=0.1, window_size=32)`).
     Any policy and allocation also compose directly: `CompressedCache(0.1, policy=SnapKV(), allocation=Pyramid())`.
+    `merge=` (a `cache.merge` strategy or its name; the class's `merge_default` if not given) merges the evicted
+    entries into the kept ones.
 
     budget: float in (0, 1], the share of each prompt's tokens kept (mean over layers), or
     int >= 1, tokens kept per layer (mean over layers). A budget that covers the prompt keeps it whole.
@@ -63,10 +67,11 @@ class CompressedCache(DynamicCache):
     name: ClassVar[str] = ""
     policy_class: ClassVar[type[Policy] | None] = None
     allocation_class: ClassVar[type] = Uniform
+    merge_default: ClassVar[str | None] = None  # the merging strategy when `merge=` is not given
 
     def __init__(self, budget: float | int = 0.1, *, policy: Policy | None = None, allocation=None, **options):
-        self.budget, self.policy, self.allocation = self.validate(budget, policy=policy, allocation=allocation,
-                                                                  **options)
+        self.budget, self.policy, self.allocation, self.merge = self.validate(
+            budget, policy=policy, allocation=allocation, **options)
         Cache.__init__(self, layer_class_to_replicate=CompressedLayer)
         self.evicts_during_decoding = self.policy.evicts_during_decoding  # read at every eager decoding step
         self.visual_mask: torch.Tensor | None = None
@@ -90,20 +95,23 @@ class CompressedCache(DynamicCache):
             weakref.finalize(self, hooks.remove_all, handles)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(budget={self.budget}, policy={self.policy!r}, allocation={self.allocation!r})"
+        return (f"{type(self).__name__}(budget={self.budget}, policy={self.policy!r}, allocation={self.allocation!r}, "
+                f"merge={self.merge!r})")
 
     @classmethod
     def option_names(cls) -> set[str]:
-        """The keyword options: the fields of the policy and the allocation."""
-        return {option.name for part in (cls.policy_class, cls.allocation_class) if part for option in fields(part)}
+        """The keyword options: the fields of the policy and the allocation, and `merge`."""
+        names = {option.name for part in (cls.policy_class, cls.allocation_class) if part for option in fields(part)}
+        return names | {"merge"}
 
     @classmethod
     def validate(cls, budget: float | int = 0.1, policy: Policy | None = None, allocation=None,
-                 **options) -> tuple[float | int, Policy, object]:
-        """The budget, policy and allocation, checked (and built from `options`) as the constructor does, without
-        making a cache; a `ValueError` naming the valid values otherwise."""
+                 **options) -> tuple[float | int, Policy, object, Merge | None]:
+        """The budget, policy, allocation and merging strategy, checked (and built from `options`) as the
+        constructor does, without making a cache; a `ValueError` naming the valid values otherwise."""
+        merge = resolve_merge(options.pop("merge", cls.merge_default))
         parts = {"policy": (policy, cls.policy_class), "allocation": (allocation, cls.allocation_class)}
-        built, valid = {}, set()
+        built, valid = {}, {"merge"}
         for role, (given, part_class) in parts.items():
             names = {option.name for option in fields(part_class)} if given is None and part_class else set()
             valid |= names
@@ -115,7 +123,7 @@ class CompressedCache(DynamicCache):
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for kv={cls.name or cls.__name__!r}; valid options: "
                              f"{sorted(valid)}")
-        return validate_budget(budget), built["policy"], built["allocation"]
+        return validate_budget(budget), built["policy"], built["allocation"], merge
 
     # ----- budgets --------------------------------------------------------------------------
     def decode_capacity(self, layer_budget: torch.Tensor) -> torch.Tensor | None:
@@ -300,10 +308,13 @@ class CompressedCache(DynamicCache):
         layer.positions = torch.arange(ctx.length, device=slots.device).expand_as(scores)
         layer.slot_valid = None
         layer.scores = scored.running
+        full = layer.keys, layer.values
         if width < ctx.length:
             layer.keep(slots)
         else:  # every slot is kept (slots are 0..n-1): gathering would copy the whole cache for nothing
             layer.positions = layer.positions.contiguous()  # decode-time eviction writes into it
+        if self.merge is not None and (width < ctx.length or valid is not None):
+            layer.keys, layer.values = self.merge(*full, slots, layer.keys, layer.values, valid, ctx.key_valid)
         layer.slot_valid = None if valid is None or bool(valid.all()) else valid
         layer.kept_indices = slots
         layer.compressed = True

@@ -18,7 +18,7 @@ from .context import DecodeContext, PromptContext
 from .policy import PROTECTED, Policy, Scores
 
 
-def _protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int | torch.Tensor,
+def protect_recent(scores: torch.Tensor, positions: torch.Tensor, newest: int | torch.Tensor,
                     recent: torch.Tensor) -> torch.Tensor:
     """Mark the slots holding the `recent[b]` newest positions (up to `newest`, an int or a device scalar) as
     always kept."""
@@ -46,14 +46,14 @@ class H2O(Policy):
     def score(self, ctx: PromptContext) -> Scores:
         accumulated = ctx.accumulated_attention(ctx.length)
         positions = torch.arange(ctx.length, device=ctx.keys.device).expand_as(accumulated)
-        ranking = _protect_recent(accumulated, positions, ctx.length - 1, self.recent_tokens(ctx.budget))
+        ranking = protect_recent(accumulated, positions, ctx.length - 1, self.recent_tokens(ctx.budget))
         return Scores(ranking, running=accumulated)
 
     def decode_scores(self, ctx: DecodeContext) -> torch.Tensor:
         layer = ctx.layer
         layer.scores += ctx.accumulated_attention()  # in place: the layer owns this buffer
         recent = self.recent_tokens(layer.capacity)
-        return _protect_recent(layer.scores, layer.positions, layer.newest_position(), recent)
+        return protect_recent(layer.scores, layer.positions, layer.newest_position(), recent)
 
 
 class H2OCache(CompressedCache):
