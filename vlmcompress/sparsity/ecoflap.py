@@ -31,7 +31,7 @@ import torch
 
 from .base import SparsityMethod
 from .calibration import to_device
-from .wanda import wanda_mask
+from . import wanda
 
 DEFAULT_MARGIN = 0.1
 
@@ -179,12 +179,8 @@ def zeroth_order_scores(model, processor, groups: dict, samples, device, *, zo_s
     return scores
 
 
-def _prune(weight, stats, ratio, nm):
-    mask = wanda_mask(weight, stats, ratio, nm)
-    return weight.masked_fill(mask, 0), mask
-
-
 METHOD = SparsityMethod(
-    name="ecoflap", stats="norm", prune=_prune, check=validate_options, options=OPTIONS,
+    # within a block (and at N:M everywhere) ECoFLaP prunes as Wanda does
+    name="ecoflap", stats="norm", prune=wanda.METHOD.prune, check=validate_options, options=OPTIONS,
     description="per-block ratios from zeroth-order global scores, then Wanda per block (N:M: Wanda's N:M masks)",
 )
