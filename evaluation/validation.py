@@ -127,7 +127,7 @@ def check_compression(config: dict, model_args: dict, where: str) -> None:
     from vlmcompress.config import build_settings
 
     try:
-        build_settings(**config, cuda_graphs=model_args.get("cuda_graphs", False))
+        build_settings(**config, cuda_graphs=model_args.get("cuda_graphs"))
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{where}: {one_line(exc)}") from None
 

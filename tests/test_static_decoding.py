@@ -233,7 +233,7 @@ def test_a_cache_keeping_every_token_is_not_copied(tiny_dirs, processors, monkey
 
 def test_bad_values_are_refused(tiny_dirs):
     path = tiny_dirs["qwen2_vl"]
-    with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
+    with pytest.raises(ValueError, match="cuda_graphs must be True, False or None"):
         vlmcompress.load(path, kv="snapkv", cuda_graphs="yes")
     with pytest.raises(ValueError, match="room"):
         StaticDecoding(SnapKVCache(0.3), torch.nn.Linear(1, 1), room=0)
@@ -390,3 +390,19 @@ def test_a_kept_graph_replays_for_later_prompts(tiny_dirs, processors, monkeypat
         inputs = image_inputs(processors[arch], questions, seeds).to("cuda")
         assert_same_decoding(greedy(static_model, inputs), greedy(eager_model, inputs))
     assert [(runner.captures, runner.reused) for runner in runners] == [(1, False), (0, True), (0, True)]
+
+
+def test_static_decoding_is_the_default_on_cuda_only(tiny_dirs, processors):
+    inputs = image_inputs(processors["qwen2_vl"])
+    for cuda_graphs, expected in ((None, torch.cuda.is_available()), (True, True), (False, False)):
+        model = vlmcompress.load(tiny_dirs["qwen2_vl"], kv="snapkv", window_size=4, cuda_graphs=cuda_graphs,
+                                 device_map="cuda" if torch.cuda.is_available() else None)
+        model.generate(**inputs.to(model.device), max_new_tokens=3, do_sample=False)
+        assert model.compression_stats["static_decoding"] is expected, cuda_graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the default decodes statically only on CUDA")
+def test_flash_attention_turns_the_default_off(tiny_dirs):
+    model = vlmcompress.load(tiny_dirs["qwen2_vl"], kv="snapkv", device_map="cuda")
+    language_model_of(model).config._attn_implementation = "flash_attention_2"  # what load picks where installed
+    assert not model.static_decoding()

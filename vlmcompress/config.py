@@ -46,7 +46,7 @@ class CompressionSettings:
     kv: KVSettings | None = None
     prune: PruneSettings | None = None
     sparsity: SparsitySettings | None = None
-    cuda_graphs: bool = False  # static decoding (vlmcompress.decoding)
+    cuda_graphs: bool | None = None  # static decoding (vlmcompress.decoding); None: where the model is on CUDA
     decoding: DecodingOptions = DecodingOptions()  # the fast paths' switches
 
     def describe(self) -> dict:
@@ -98,7 +98,7 @@ def build_settings(
     sparsity_ratio: float = 0.5,
     sparsity_pattern: str = "unstructured",
     calibration: Any = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | None = None,
     decoding: DecodingOptions | None = None,
     **method_options,
 ) -> CompressionSettings:
@@ -132,8 +132,9 @@ def build_settings(
         for family in takers:
             routed[family][option] = value
 
-    if not isinstance(cuda_graphs, bool):
-        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True, False or None (static decoding where the model runs on CUDA), "
+                         f"got {cuda_graphs!r}")
     if decoding is not None and not isinstance(decoding, DecodingOptions):
         raise ValueError(f"decoding must be a vlmcompress.DecodingOptions, got {decoding!r}")
     kv_settings = None

@@ -15,11 +15,11 @@ from .decoding.options import DecodingOptions
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
-def default_attn_implementation(static_decoding: bool = False) -> str | dict:
-    """flash-attention-2 where it is installed and a GPU is present (unless static decoding, whose masks it
-    cannot take); SDPA otherwise, the language model's through `GROUPED_SDPA` (masked decoding without
-    `repeat_kv`; otherwise transformers' SDPA)."""
-    if not static_decoding and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+def default_attn_implementation(cuda_graphs: bool | None = None) -> str | dict:
+    """flash-attention-2 where it is installed and a GPU is present, when static decoding is off (its masks it
+    cannot take; `cuda_graphs=None` decodes statically on CUDA); SDPA otherwise, the language model's through
+    `GROUPED_SDPA` (masked decoding without `repeat_kv`; otherwise transformers' SDPA)."""
+    if cuda_graphs is False and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return {"text_config": GROUPED_SDPA}
 
@@ -37,7 +37,7 @@ def load(
     dtype="auto",
     device_map=None,
     attn_implementation: str | None = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | None = None,
     decoding: DecodingOptions | None = None,
     **method_options,
 ):
@@ -56,7 +56,10 @@ def load(
             given); attention defaults to flash-attention-2 where installed (with a GPU) and SDPA otherwise,
             the language model's `vlmcompress_sdpa` (`vlmcompress.decoding.grouped_sdpa`).
         cuda_graphs: static decoding (`vlmcompress.decoding`): once the prompt is compressed,
-            each decoding step replays one CUDA graph instead of launching its kernels from Python.
+            each decoding step replays one CUDA graph instead of launching its kernels from Python; the graph
+            and its buffers serve later `generate` calls whose prompts fit them (`decoding.workspace`).
+            None (the default): on where the model runs on CUDA (and its attention is not flash-attention);
+            False: transformers' eager decoding loop.
             Takes every kv= method (h2o and streamingllm evict within fixed buffers) or kv=None (then the
             cache keeps every token), and SDPA or eager attention. On the CPU the same static steps run
             eagerly; on CUDA with triton their elementwise kernels are compiled (`vlmcompress.compilation`).
@@ -78,7 +81,7 @@ def load(
         pretrained,
         dtype=dtype,
         device_map=device_map,
-        attn_implementation=attn_implementation or default_attn_implementation(static_decoding=cuda_graphs),
+        attn_implementation=attn_implementation or default_attn_implementation(cuda_graphs),
     ).eval()
     model.compression = settings
     if settings.sparsity is not None:

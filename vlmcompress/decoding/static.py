@@ -213,8 +213,7 @@ class StaticDecoding:
             output = self._step(constants)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        pool = self.workspaces.graph_memory_pool() if self.workspaces is not None else None
-        with torch.cuda.graph(graph, pool=pool):  # records the same step; nothing runs
+        with torch.cuda.graph(graph):  # records the same step; nothing runs
             captured = self._step(constants)
         workspace.graph_output = type(captured)(**{k: v for k, v in captured.items() if k not in CACHE_FIELDS})
         workspace.graph = graph

@@ -12,7 +12,7 @@ layer's slots up to one of 8 sizes per octave (at most 1/8 of the slots unused, 
 its key: the padded sizes, the room (`max_new_tokens`), the method and the step's input layout.
 
 Memory: each kept workspace holds its KV buffers (the padded size of the cache it last served) and its graph's
-activations, which all the model's graphs share (one memory pool). `DecodingOptions.kept_graphs` bounds how many
+memory pool (the step's activations, small next to the KV). `DecodingOptions.kept_graphs` bounds how many
 (default 4; 0 keeps none); `model.release_decoding_buffers()` frees them now, and they go with the model.
 """
 
@@ -115,7 +115,6 @@ class WorkspacePool:
     def __init__(self, size: int):
         self.size = size
         self.entries: OrderedDict[tuple, Workspace] = OrderedDict()
-        self.graph_memory = None  # one memory pool for every graph of the model: they never run at once
 
     def key(self, layers, room: int, batch: int, cache, step_inputs: dict[str, torch.Tensor], constants: dict):
         """What a workspace must match: sizes (padded), the room, the method, the step's input layout."""
@@ -152,11 +151,3 @@ class WorkspacePool:
             if kept is workspace:
                 del self.entries[key]
 
-    def clear(self) -> None:
-        self.entries.clear()
-        self.graph_memory = None
-
-    def graph_memory_pool(self):
-        if self.graph_memory is None:
-            self.graph_memory = torch.cuda.graph_pool_handle()
-        return self.graph_memory

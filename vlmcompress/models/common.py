@@ -40,11 +40,20 @@ class CompressionMixin:
         # Same weights and checkpoint layout as the upstream class, so the upstream key conversions apply.
         return False
 
+    def static_decoding(self) -> bool:
+        """Whether `generate` decodes statically: as `cuda_graphs` says, and where it is None (the default)
+        when the language model is on CUDA with an attention that takes the static mask (not flash-attention)."""
+        if self.compression.cuda_graphs is not None:
+            return self.compression.cuda_graphs
+        language_model = language_model_of(self)
+        attention = str(getattr(language_model.config, "_attn_implementation", "") or "")
+        return next(language_model.parameters()).device.type == "cuda" and "flash" not in attention
+
     def make_cache(self):
         """A fresh cache for one `generate` call: the configured eviction cache; without one, a plain
         DynamicCache, or under static decoding a `FullCache` (every token kept, preallocated room)."""
         if self.compression.kv is None:
-            return FullCache().attach(self) if self.compression.cuda_graphs else DynamicCache(config=self.config)
+            return FullCache().attach(self) if self.static_decoding() else DynamicCache(config=self.config)
         return self.compression.kv.make_cache().attach(self)
 
     def decoding_workspaces(self) -> WorkspacePool:
@@ -70,7 +79,7 @@ class CompressionMixin:
             cache.attach(self)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         static, options = None, self.compression.decoding
-        if self.compression.cuda_graphs and isinstance(cache, CompressedCache):
+        if isinstance(cache, CompressedCache) and self.static_decoding():
             # Compression point: decoding. The language model's decoding steps run at fixed shapes, from a CUDA graph.
             config = kwargs.get("generation_config") or self.generation_config
             room = kwargs.get("max_new_tokens") or config.max_new_tokens or ROOM
@@ -84,6 +93,7 @@ class CompressionMixin:
             if static is not None:
                 static.close()
         self.compression_stats = self._compression_stats(cache, input_ids, output)
+        self.compression_stats["static_decoding"] = static is not None
         return output
 
     def _compression_stats(self, cache, input_ids, output) -> dict:
