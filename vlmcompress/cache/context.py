@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import received_attention
 from ..scoring import accumulated_attention, attention_chunks, recompute_queries, slice_positions
 from .layer import CompressedLayer
 
@@ -44,9 +45,12 @@ class PromptContext:
         return self._queries[last]
 
     def accumulated_attention(self, last: int) -> torch.Tensor:
-        """Attention received by each key from the last `last` queries, `[b, h, n]` (float64)."""
-        return accumulated_attention(self.queries(last), self.keys, self.module.scaling, self.key_valid,
-                                     compile=True)
+        """Attention received by each key from the last `last` queries, `[b, h, n]` (float64); from every query
+        (H2O, LOOK-M) on CUDA without writing the score matrix out (`received_attention`)."""
+        queries = self.queries(last)
+        if last == self.length and received_attention.takes(queries, self.keys, self.key_valid):
+            return received_attention.received_attention(queries, self.keys, self.module.scaling, self.key_valid)
+        return accumulated_attention(queries, self.keys, self.module.scaling, self.key_valid, compile=True)
 
     def attention_chunks(self, last: int, query_valid: torch.Tensor | None = None, statistics=None):
         """`attention.attention_chunks` of the last `last` queries; `query_valid` `[b, last]` leaves some out;

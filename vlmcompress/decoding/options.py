@@ -19,6 +19,7 @@ class DecodingOptions:
     split_kv: bool = True  # the decoding attention as split-KV triton kernels on CUDA (`split_kv`)
     fuse_products: bool = True  # q/k/v and gate/up as one matrix product each in static steps (`step_kernels`)
     defer_stop_check: bool = True  # read generate's "all finished" flag one step late under static decoding
+    fused_scoring: bool = True  # all-query prompt scores (H2O, LOOK-M) as triton kernels on CUDA (`received_attention`)
     # static buffers and captured steps a model keeps for later `generate` calls (`decoding.workspace`); 0: none
     kept_graphs: int = 4
 
