@@ -64,7 +64,8 @@ def test_the_split_equals_the_literal_rule(seed):
     """Random scores with padding, a protected window, per-sample budgets and every floor from none to all."""
     generator = torch.Generator().manual_seed(seed)
     batch, heads, n = 3, 4, 17
-    scores = torch.rand(batch, heads, n, generator=generator, dtype=F64) * torch.tensor([4.0, 1, 1, 0.5], dtype=F64)[:, None]
+    head_scale = torch.tensor([4.0, 1, 1, 0.5], dtype=F64)[:, None]  # head 0 scores most
+    scores = torch.rand(batch, heads, n, generator=generator, dtype=F64) * head_scale
     scores[..., -3:] = PROTECTED + torch.arange(3, dtype=F64)  # a window of 3
     scores[1, :, :5] = float("-inf")  # left padding
     budget = torch.tensor([7, 9, 17])  # the padded sample has 12 tokens; the last keeps all
@@ -77,7 +78,7 @@ def test_the_split_equals_the_literal_rule(seed):
             assert int(kept[sample].sum()) == heads * int(budget[sample])
     # alpha = 1: every head keeps exactly the budget; alpha = 0: the scores alone split it
     assert torch.equal(HeadAdaptive(True, 1.0).select(scores, budget).sum(-1), budget[:, None].expand(batch, heads))
-    assert len(set(HeadAdaptive(True, 0.0).select(scores, budget)[0].sum(-1).tolist())) > 1  # head 0 scores most
+    assert len(set(HeadAdaptive(True, 0.0).select(scores, budget)[0].sum(-1).tolist())) > 1
 
 
 @pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl"])
