@@ -144,7 +144,8 @@ def build_settings(
                                                       **routed["kv"])
         if cuda_graphs and heads.head_adaptive:
             raise ValueError("cuda_graphs=True decodes every KV head at one length, head_adaptive=True keeps a "
-                             "different number of tokens in each: pass cuda_graphs=False with head_adaptive=True")
+                             "different number of tokens in each: leave cuda_graphs unset (a head-adaptive cache "
+                             "decodes eagerly) or pass cuda_graphs=False")
         kv_settings = KVSettings(cache_class.name, budget, routed["kv"])
 
     prune_settings = None
