@@ -69,7 +69,9 @@ DEFAULT = {
                                "random": {"window_size": 16}, "lookm": {}},
                         [0.1, 0.2, 0.5])
         # merging (`merge=`) on the question-aware method: what it adds at the smallest budgets
-        + grid("kv", {"snapkv": {"window_size": 16, "merge": "pivotal"}}, [0.1, 0.2]),
+        + grid("kv", {"snapkv": {"window_size": 16, "merge": "pivotal"}}, [0.1, 0.2])
+        # AdaKV's head-adaptive budgets over SnapKV's scores, beside snapkv@0.2
+        + [{"kv": "snapkv", "kv_budget": 0.2, "window_size": 16, "head_adaptive": True}],
         "prune_configs": grid("prune", {"fastv": {}, "visionzip": {}, "prumerge": {}, "prumerge+": {}},
                               [0.25, 0.5]),
         "gen_kwargs": {"max_new_tokens": 8},
@@ -146,7 +148,8 @@ def _configs_text(configs: list[dict]) -> str:
     groups: dict[tuple[str, str], list] = {}
     for c in configs:
         kind = "kv" if c.get("kv") else "prune" if c.get("prune") else "other"
-        method = c.get(kind, "?") + (f"+merge={c['merge']}" if c.get("merge") else "")
+        method = (c.get(kind, "?") + (f"+merge={c['merge']}" if c.get("merge") else "")
+                  + ("+head_adaptive" if c.get("head_adaptive") else ""))
         groups.setdefault((kind, method), []).append(c.get(f"{kind}_budget"))
     kv = [f"{m}@{'/'.join(str(b) for b in bs)}" for (k, m), bs in groups.items() if k == "kv"]
     prune = [f"{m}@{'/'.join(str(b) for b in bs)}" for (k, m), bs in groups.items() if k == "prune"]

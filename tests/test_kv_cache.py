@@ -158,6 +158,25 @@ def test_decode_time_eviction_equals_masking_at_every_step(tiny_dirs, processors
         torch.testing.assert_close(logits[step], reference_logits[step], rtol=0, atol=1e-9)
 
 
+def assert_batch_equals_single(model, processor, samples, new_tokens):
+    """Generate `samples` as one left-padded batch and each alone, and assert each sample's tokens and logits are
+    its single-prompt ones; returns the batch's cache, each sample's left padding and each single run's cache."""
+    inputs = batch_inputs(processor, samples)
+    batch_cache = model.make_cache()
+    batch_out, batch_logits = generate_with_raw_logits(model, inputs, new_tokens, past_key_values=batch_cache)
+    pads = (inputs["attention_mask"] == 0).sum(-1)
+    assert int(pads.max()) > 0, "the prompts must differ in length"
+    single_caches = []
+    for i, sample in enumerate(samples):
+        single_caches.append(model.make_cache())
+        single_out, single_logits = generate_with_raw_logits(model, batch_inputs(processor, [sample]), new_tokens,
+                                                             past_key_values=single_caches[-1])
+        assert torch.equal(batch_out[i, -new_tokens:], single_out[0, -new_tokens:])
+        for batched, single in zip(batch_logits, single_logits):
+            torch.testing.assert_close(batched[i], single[0], rtol=1e-9, atol=1e-9)
+    return batch_cache, pads, single_caches
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("budget", [0.3, 16])  # 16 tokens: every row evicts all its padding at prefill
@@ -165,28 +184,18 @@ def test_decode_time_eviction_equals_masking_at_every_step(tiny_dirs, processors
 def test_batch_equals_single(tiny_dirs, processors, arch, method, budget, batch):
     """A left-padded batch, mixing image and text-only prompts or image counts, gives every sample its
     single-prompt tokens, logits and kept positions."""
-    samples = BATCHES[batch]
-    batch_inputs_ = batch_inputs(processors[arch], samples)
     model = load(tiny_dirs[arch], method, budget, dtype=F64)
-    batch_cache = model.make_cache()
-    batch_out, batch_logits = generate_with_raw_logits(model, batch_inputs_, 6, past_key_values=batch_cache)
-    pads = (batch_inputs_["attention_mask"] == 0).sum(-1)
-    assert int(pads.max()) > 0, "the prompts must differ in length"
-    for i, sample in enumerate(samples):
-        single_cache = model.make_cache()
-        single_out, single_logits = generate_with_raw_logits(model, batch_inputs(processors[arch], [sample]), 6,
-                                                             past_key_values=single_cache)
-        assert torch.equal(batch_out[i, -6:], single_out[0, -6:])
-        for batched, single in zip(batch_logits, single_logits):
-            torch.testing.assert_close(batched[i], single[0], rtol=1e-9, atol=1e-9)
-        if method not in ("h2o", "streamingllm"):  # decode-time methods moved on since prefill
-            for batch_layer, single_layer in zip(batch_cache.layers, single_cache.layers):
-                valid = batch_layer.slot_valid[i] if batch_layer.slot_valid is not None else None
-                for head in range(single_layer.kept_indices.shape[1]):
-                    batch_kept = batch_layer.kept_indices[i, head]
-                    if valid is not None:
-                        batch_kept = batch_kept[valid[head, : batch_kept.shape[0]]]
-                    assert torch.equal(batch_kept - pads[i], single_layer.kept_indices[0, head])
+    batch_cache, pads, single_caches = assert_batch_equals_single(model, processors[arch], BATCHES[batch], 6)
+    if method in ("h2o", "streamingllm"):  # decode-time methods moved on since prefill
+        return
+    for i, single_cache in enumerate(single_caches):
+        for batch_layer, single_layer in zip(batch_cache.layers, single_cache.layers):
+            valid = batch_layer.slot_valid[i] if batch_layer.slot_valid is not None else None
+            for head in range(single_layer.kept_indices.shape[1]):
+                batch_kept = batch_layer.kept_indices[i, head]
+                if valid is not None:
+                    batch_kept = batch_kept[valid[head, : batch_kept.shape[0]]]
+                assert torch.equal(batch_kept - pads[i], single_layer.kept_indices[0, head])
 
 
 @pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "internvl"])

@@ -133,7 +133,8 @@ def test_the_budget_is_the_budget(tiny_dirs, processors, keynorm, budget):
 def test_its_options_are_checked_by_load(tiny_dirs, keynorm):
     with pytest.raises(ValueError, match="order must be a number > 0"):
         vlmcompress.load(tiny_dirs["qwen2_vl"], kv=keynorm, order=0)
-    with pytest.raises(ValueError, match=r"unknown option ord=2 .*valid options: \['merge', 'order'\]"):
+    with pytest.raises(ValueError, match=r"unknown option ord=2 .*valid options: "
+                                         r"\['head_adaptive', 'head_adaptive_floor', 'merge', 'order'\]"):
         vlmcompress.load(tiny_dirs["qwen2_vl"], kv=keynorm, ord=2)
 
 

@@ -140,7 +140,12 @@ def build_settings(
     kv_settings = None
     if kv is not None:
         cache_class = get_cache_class(kv)
-        budget = cache_class.validate(DEFAULT_KV_BUDGET if kv_budget is None else kv_budget, **routed["kv"])[0]
+        budget, _, _, _, heads = cache_class.validate(DEFAULT_KV_BUDGET if kv_budget is None else kv_budget,
+                                                      **routed["kv"])
+        if cuda_graphs and heads.head_adaptive:
+            raise ValueError("cuda_graphs=True decodes every KV head at one length, head_adaptive=True keeps a "
+                             "different number of tokens in each: leave cuda_graphs unset (a head-adaptive cache "
+                             "decodes eagerly) or pass cuda_graphs=False")
         kv_settings = KVSettings(cache_class.name, budget, routed["kv"])
 
     prune_settings = None

@@ -11,14 +11,18 @@ from .architectures import ARCHITECTURES, architecture
 from .config import build_settings
 from .decoding.grouped_sdpa import GROUPED_SDPA
 from .decoding.options import DecodingOptions
+from .decoding.ragged_attention import RAGGED_ATTENTION
 
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
-def default_attn_implementation(cuda_graphs: bool | None = None) -> str | dict:
+def default_attn_implementation(cuda_graphs: bool | None = None, head_adaptive: bool = False) -> str | dict:
     """flash-attention-2 where it is installed and a GPU is present, when static decoding is off (its masks it
     cannot take; `cuda_graphs=None` decodes statically on CUDA); SDPA otherwise, the language model's through
-    `GROUPED_SDPA` (masked decoding without `repeat_kv`; otherwise transformers' SDPA)."""
+    `GROUPED_SDPA` (masked decoding without `repeat_kv`; otherwise transformers' SDPA). Head-adaptive budgets:
+    the language model's through `RAGGED_ATTENTION` (SDPA's for the prompt, per-head lengths while decoding)."""
+    if head_adaptive:
+        return {"text_config": RAGGED_ATTENTION}
     if cuda_graphs is False and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return {"text_config": GROUPED_SDPA}
@@ -66,7 +70,8 @@ def load(
         decoding: `DecodingOptions`, the fast paths' switches (compilation, split-KV attention, fused products,
             the deferred stop check), all on by default.
         **method_options: options of the chosen methods (e.g. window_size=32, kernel_size=5,
-            sink_tokens=4); each goes to the method that takes it, unknown ones are an error.
+            sink_tokens=4; head_adaptive=True for AdaKV's split of each layer's budget over its KV heads,
+            `vlmcompress.cache.HeadAdaptive`); each goes to the method that takes it, unknown ones are an error.
 
     Returns the model: an instance of a subclass of the upstream transformers class, whose
     `generate` applies the compression with no extra argument.
@@ -77,11 +82,18 @@ def load(
         sparsity_ratio=sparsity_ratio, sparsity_pattern=sparsity_pattern, calibration=calibration,
         cuda_graphs=cuda_graphs, decoding=decoding, **method_options,
     )
+    head_adaptive = settings.kv is not None and settings.kv.options.get("head_adaptive", False)
+    text_attention = (attn_implementation.get("text_config") if isinstance(attn_implementation, dict)
+                      else attn_implementation)
+    if head_adaptive and attn_implementation is not None and text_attention != RAGGED_ATTENTION:
+        raise ValueError(f"head_adaptive=True keeps a different number of tokens in each KV head, which only "
+                         f"attn_implementation={RAGGED_ATTENTION!r} decodes, not {attn_implementation!r}: leave "
+                         f"attn_implementation=None (it picks {RAGGED_ATTENTION!r})")
     model = model_class.from_pretrained(
         pretrained,
         dtype=dtype,
         device_map=device_map,
-        attn_implementation=attn_implementation or default_attn_implementation(cuda_graphs),
+        attn_implementation=attn_implementation or default_attn_implementation(cuda_graphs, head_adaptive),
     ).eval()
     model.compression = settings
     if settings.sparsity is not None:

@@ -7,11 +7,13 @@ from .allocation import Density, Pyramid, Uniform
 from .base import CompressedCache, validate_budget
 from .context import DecodeContext, PromptContext
 from .h2o import H2O, H2OCache
+from .head_adaptive import HeadAdaptive
 from .layer import CompressedLayer
 from .lookm import LookM, LookMCache
 from .merge import MERGE_STRATEGIES, Average, Merge, Pivotal, Weighted
 from .policy import PROTECTED, Policy, Scores
 from .pyramidkv import PyramidKVCache
+from .ragged_layer import RaggedLayer
 from .random_eviction import Random, RandomCache
 from .snapkv import SnapKV, SnapKVCache
 from .streamingllm import StreamingLLM, StreamingLLMCache
@@ -30,7 +32,7 @@ def get_cache_class(name: str) -> type[CompressedCache]:
 
 def register_policy(policy_class: type[Policy], name: str, allocation_class: type = Uniform) -> type[CompressedCache]:
     """Make `policy_class` a KV method called `name` (`load(kv=name)`), kept per layer as `allocation_class`
-    says; returns its cache class, whose keyword options are the fields of both."""
+    says; returns its cache class, whose keyword options are the fields of both (and `HeadAdaptive`'s)."""
     cache_class = type(f"{policy_class.__name__}Cache", (CompressedCache,), {
         "name": name, "policy_class": policy_class, "allocation_class": allocation_class,
         "__module__": policy_class.__module__, "__doc__": policy_class.__doc__})
@@ -38,7 +40,8 @@ def register_policy(policy_class: type[Policy], name: str, allocation_class: typ
 
 
 __all__ = [
-    "KV_METHODS", "get_cache_class", "register_policy", "CompressedCache", "CompressedLayer", "Policy", "Scores",
+    "KV_METHODS", "get_cache_class", "register_policy", "CompressedCache", "CompressedLayer", "RaggedLayer", "Policy",
+    "Scores", "HeadAdaptive",
     "PROTECTED", "PromptContext", "DecodeContext", "Uniform", "Pyramid", "Density", "validate_budget",
     "StreamingLLM", "H2O", "SnapKV", "VLCache", "Random", "LookM",
     "StreamingLLMCache", "H2OCache", "SnapKVCache", "PyramidKVCache", "VLCacheCache", "RandomCache", "LookMCache",

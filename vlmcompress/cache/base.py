@@ -38,14 +38,17 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from ..budget import validate_budget as validate_share_or_count
+from ..decoding.ragged_attention import RAGGED_ATTENTION
 from ..glue import language_model_of, reject_right_padding, visual_token_ids
 from ..scoring import key_validity_from_mask
 from . import hooks
 from .allocation import Uniform
 from .context import DecodeContext, PromptContext
+from .head_adaptive import HeadAdaptive
 from .layer import CompressedLayer
 from .merge import Merge, resolve_merge
 from .policy import Policy, Scores
+from .ragged_layer import RaggedLayer
 
 
 def validate_budget(budget) -> float | int:
@@ -59,6 +62,8 @@ class CompressedCache(DynamicCache):
     Any policy and allocation also compose directly: `CompressedCache(0.1, policy=SnapKV(), allocation=Pyramid())`.
     `merge=` (a `cache.merge` strategy or its name; the class's `merge_default` if not given) merges the evicted
     entries into the kept ones.
+    How a layer's tokens are split over its KV heads is `HeadAdaptive`'s (`head_adaptive=True`: AdaKV's split,
+    stored ragged in a `RaggedLayer`), an option of every method whose scores differ by head.
 
     budget: float in (0, 1], the share of each prompt's tokens kept (mean over layers), or
     int >= 1, tokens kept per layer (mean over layers). A budget that covers the prompt keeps it whole.
@@ -69,9 +74,10 @@ class CompressedCache(DynamicCache):
     allocation_class: ClassVar[type] = Uniform
     merge_default: ClassVar[str | None] = None  # the merging strategy when `merge=` is not given
 
-    def __init__(self, budget: float | int = 0.1, *, policy: Policy | None = None, allocation=None, **options):
-        self.budget, self.policy, self.allocation, self.merge = self.validate(
-            budget, policy=policy, allocation=allocation, **options)
+    def __init__(self, budget: float | int = 0.1, *, policy: Policy | None = None, allocation=None,
+                 heads: HeadAdaptive | None = None, **options):
+        self.budget, self.policy, self.allocation, self.merge, self.heads = self.validate(
+            budget, policy=policy, allocation=allocation, heads=heads, **options)
         Cache.__init__(self, layer_class_to_replicate=CompressedLayer)
         self.evicts_during_decoding = self.policy.evicts_during_decoding  # read at every eager decoding step
         self.visual_mask: torch.Tensor | None = None
@@ -96,21 +102,24 @@ class CompressedCache(DynamicCache):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(budget={self.budget}, policy={self.policy!r}, allocation={self.allocation!r}, "
-                f"merge={self.merge!r})")
+                f"merge={self.merge!r}, heads={self.heads!r})")
 
     @classmethod
     def option_names(cls) -> set[str]:
-        """The keyword options: the fields of the policy and the allocation, and `merge`."""
-        names = {option.name for part in (cls.policy_class, cls.allocation_class) if part for option in fields(part)}
-        return names | {"merge"}
+        """The keyword options: the fields of the policy, the allocation and the split over heads, and `merge`."""
+        parts = (cls.policy_class, cls.allocation_class, HeadAdaptive)
+        return {option.name for part in parts if part for option in fields(part)} | {"merge"}
 
     @classmethod
     def validate(cls, budget: float | int = 0.1, policy: Policy | None = None, allocation=None,
-                 **options) -> tuple[float | int, Policy, object, Merge | None]:
-        """The budget, policy, allocation and merging strategy, checked (and built from `options`) as the
-        constructor does, without making a cache; a `ValueError` naming the valid values otherwise."""
+                 heads: HeadAdaptive | None = None,
+                 **options) -> tuple[float | int, Policy, object, Merge | None, HeadAdaptive]:
+        """The budget, policy, allocation, merging strategy and split over heads, checked (and built from
+        `options`) as the constructor does, without making a cache; a `ValueError` naming the valid values
+        otherwise."""
         merge = resolve_merge(options.pop("merge", cls.merge_default))
-        parts = {"policy": (policy, cls.policy_class), "allocation": (allocation, cls.allocation_class)}
+        parts = {"policy": (policy, cls.policy_class), "allocation": (allocation, cls.allocation_class),
+                 "heads": (heads, HeadAdaptive)}
         built, valid = {}, {"merge"}
         for role, (given, part_class) in parts.items():
             names = {option.name for option in fields(part_class)} if given is None and part_class else set()
@@ -123,7 +132,16 @@ class CompressedCache(DynamicCache):
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for kv={cls.name or cls.__name__!r}; valid options: "
                              f"{sorted(valid)}")
-        return validate_budget(budget), built["policy"], built["allocation"], merge
+        if built["heads"].head_adaptive and not built["policy"].adapts_over_heads:
+            # the registry, complete once the package is imported
+            from . import KV_METHODS
+
+            takers = sorted(name for name, method in KV_METHODS.items()
+                            if method.policy_class and method.policy_class.adapts_over_heads)
+            raise ValueError(f"head_adaptive=True splits a layer's budget over its KV heads by their scores; "
+                             f"kv={cls.name or cls.__name__!r} keeps by recency alone, the same positions in every "
+                             f"head. Methods that take it: {takers}")
+        return validate_budget(budget), built["policy"], built["allocation"], merge, built["heads"]
 
     # ----- budgets --------------------------------------------------------------------------
     def decode_capacity(self, layer_budget: torch.Tensor) -> torch.Tensor | None:
@@ -207,7 +225,7 @@ class CompressedCache(DynamicCache):
         hooks.remove_all(self._prefill_handles)
         # A padded prompt needs the mask hooks even where eviction dropped every padding slot: they pass no
         # mask, where the model would apply its 2-D padding mask to slots that now hold kept tokens.
-        if not self.prompt_padded and all(layer.slot_valid is None for layer in self.layers):
+        if not self.prompt_padded and not any(layer.needs_decode_mask for layer in self.layers):
             hooks.remove_all(self._mask_handles)
 
     # ----- bookkeeping ----------------------------------------------------------------------
@@ -293,6 +311,9 @@ class CompressedCache(DynamicCache):
 
     def _evict_prompt(self, layer: CompressedLayer, ctx: PromptContext, scored: Scores, kept: torch.Tensor):
         """Keep the top-`kept[b]` (on the CPU) ranked keys of each sample and KV head; free the rest."""
+        if self.heads.head_adaptive:
+            self._evict_prompt_per_head(layer, ctx, scored, kept)
+            return
         scores = scored.ranking
         width = int(kept.max())
         ranked = scores.topk(width, dim=-1).indices  # [b, h, width], best first
@@ -327,6 +348,25 @@ class CompressedCache(DynamicCache):
             layer.capacity = capacity.to(scores.device, non_blocking=True) if capacity is not None else None
         else:
             layer.positions = None  # only decode-time eviction needs to know where each slot came from
+
+    def _evict_prompt_per_head(self, layer: CompressedLayer, ctx: PromptContext, scored: Scores, kept: torch.Tensor):
+        """Head-adaptive budgets: h x `kept[b]` tokens of each sample split over its KV heads by `self.heads`;
+        the layer becomes a `RaggedLayer` holding just those."""
+        implementation = getattr(ctx.module.config, "_attn_implementation", None)
+        if implementation != RAGGED_ATTENTION:
+            raise ValueError(
+                f"head_adaptive=True keeps a different number of tokens in each KV head, which only "
+                f"attn_implementation={RAGGED_ATTENTION!r} decodes (this model uses {implementation!r}): "
+                f"vlmcompress.load(..., head_adaptive=True) picks it; for a plain transformers model pass "
+                f"attn_implementation={{'text_config': {RAGGED_ATTENTION!r}}} to from_pretrained")
+        selected = self.heads.select(scored.ranking, kept)
+        ragged = self.layers[ctx.layer_idx] = RaggedLayer.from_selection(
+            layer.keys, layer.values, selected, layer.seen_tokens, self.merge, ctx.key_valid)
+        capacity = self.decode_capacity(kept) if self.evicts_during_decoding else None
+        if capacity is not None:  # each head keeps its own count (and an int budget's room above the prompt)
+            ragged.evict_while_decoding(scored.running, capacity, capacity - kept)
+        if ctx.layer_idx == ctx.num_layers - 1:
+            self._prompt_compressed()
 
     # ----- decoding -------------------------------------------------------------------------
     def _on_decode(self, module, layer: CompressedLayer, arguments: dict) -> None:

@@ -72,5 +72,6 @@ class DecodeContext:
         # One new token sees every valid slot, wherever it was written (`attention_chunks` masks causally
         # only among several new tokens, which are appended last).
         queries = recompute_queries(self.module, self.hidden_states, self.position_embeddings)
-        return accumulated_attention(queries, self.layer.keys, self.module.scaling, self.layer.slot_valid)
+        keys, held = self.layer.attended_keys()
+        return accumulated_attention(queries, keys, self.module.scaling, held)
 

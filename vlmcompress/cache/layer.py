@@ -106,6 +106,10 @@ class CompressedLayer(DynamicLayer):
         valid = self.slot_valid if self.slot_valid is not None else torch.ones_like(self.positions, dtype=torch.bool)
         return first_valid(valid, count)
 
+    def attended_keys(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The held keys `[b, h, slots, d]` and which slots are attended (`slot_valid`), for decode-time scores."""
+        return self.keys, self.slot_valid
+
     # ----- decode-time eviction ----------------------------------------------------------------------------
     def retire(self, scores: torch.Tensor) -> None:
         """After a decoding step, retire the lowest-`scores` slots of each row holding more than its capacity."""
@@ -190,7 +194,17 @@ class CompressedLayer(DynamicLayer):
             self._mask_room = additive_mask(room[:, :, None], dtype)
         return self._mask_room[..., : self.slot_valid.shape[-1] + 1]
 
+    @property
+    def needs_decode_mask(self) -> bool:
+        """Whether decoding must mask some held slot (so the cache keeps its mask hooks)."""
+        return self.slot_valid is not None
+
     # ----- sizes -------------------------------------------------------------------------------------------
+    @property
+    def kept_tokens(self) -> int:
+        """Tokens kept at prefill per KV head (of the sample keeping most)."""
+        return self.kept_indices.shape[-1]
+
     def get_seq_length(self) -> int:
         # Tokens seen, not held: the models derive positions (rotary phases) from it.
         return self.seen_tokens

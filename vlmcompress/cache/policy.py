@@ -34,6 +34,7 @@ class Policy:
     """Base of the KV methods' policies (see the module docstring)."""
 
     evicts_during_decoding: ClassVar[bool] = False  # retires slots while decoding to stay at the budget
+    adapts_over_heads: ClassVar[bool] = True  # its scores can split a layer's budget over the heads (head_adaptive)
 
     def score(self, ctx: PromptContext) -> torch.Tensor | Scores:
         """Importance of each prompt key, `[b, kv_heads, n]` (float64), or `Scores` with more."""

@@ -30,6 +30,7 @@ class StreamingLLM(Policy):
     sink_tokens: int = 4  # the attention sinks: the first tokens, always kept
 
     evicts_during_decoding = True
+    adapts_over_heads = False  # recency alone: every head's scores are the same
 
     def __post_init__(self):
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:

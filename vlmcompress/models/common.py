@@ -79,7 +79,8 @@ class CompressionMixin:
             cache.attach(self)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         static, options = None, self.compression.decoding
-        if isinstance(cache, CompressedCache) and self.static_decoding():
+        # a head-adaptive cache's heads hold different numbers of tokens: it decodes eagerly (RaggedLayer)
+        if isinstance(cache, CompressedCache) and not cache.heads.head_adaptive and self.static_decoding():
             # Compression point: decoding. The language model's decoding steps run at fixed shapes, from a CUDA graph.
             config = kwargs.get("generation_config") or self.generation_config
             room = kwargs.get("max_new_tokens") or config.max_new_tokens or ROOM
@@ -108,7 +109,7 @@ class CompressionMixin:
             stats.update(pruned)
         if isinstance(cache, CompressedCache):
             stats["kv_bytes"] = cache.prefill_nbytes
-            stats["kept_tokens_per_layer"] = [layer.kept_indices.shape[-1] for layer in cache.layers]
+            stats["kept_tokens_per_layer"] = [layer.kept_tokens for layer in cache.layers]
         elif prompt_tokens:
             # Each layer now holds its prefill plus every generated token but the last (never fed back).
             sequences = output.sequences if hasattr(output, "sequences") else output
