@@ -6,21 +6,15 @@ tokens either way."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import in_a_child_process, interpreted
 
 from vlmcompress import received_attention as fused
 from vlmcompress.scoring import accumulated_attention
 
-triton = pytest.importorskip("triton")
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_kernels_in_a_child_process")
+pytest.importorskip("triton")
 
 
 def literal_received(queries, keys, scaling, key_valid=None):
@@ -54,16 +48,7 @@ def case(b, heads, kv_heads, q_len, n, dim, dtype, padding=False, seed=0, device
     return queries, keys, key_valid
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the parent")
-@pytest.mark.skipif(tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8),
-                    reason="triton's interpreter loops over runtime bounds since 3.8")
-def test_kernels_in_a_child_process():
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parent, capture_output=True, text=True,
-        timeout=600)
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
-    assert " passed" in child.stdout and "skipped" not in child.stdout.splitlines()[-1], child.stdout[-2000:]
+test_triton_kernels_in_a_child_process = in_a_child_process(__file__)
 
 
 @interpreted

@@ -7,15 +7,12 @@ shapes, inside a CUDA graph, and a graphed decoding against the same decoding th
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import image_inputs
 from test_static_decoding import QUESTIONS, greedy
+from triton_interpreter import in_a_child_process, interpreted
 
 import vlmcompress
 from vlmcompress import DecodingOptions
@@ -23,7 +20,7 @@ from vlmcompress.decoding import split_kv
 from vlmcompress.decoding.options import activated
 from vlmcompress.decoding.grouped_sdpa import grouped_sdpa_attention_forward
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
 
 def literal_attention(query, key, value, mask, scale):
@@ -44,22 +41,7 @@ def random_case(batch, kv_heads, groups, slots, dim, dtype, device="cpu", per_ro
     return [tensor.to(device, dtype) for tensor in (query, key, value, mask)]
 
 
-# triton.jit reads TRITON_INTERPRET when it decorates, and importing vlmcompress imports triton: the interpreted
-# tests run in a child process started with it set (`test_triton_kernels_in_a_child_process`).
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_triton_kernels_in_a_child_process")
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this is the parent")
-@pytest.mark.skipif(tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8),
-                    reason="triton's interpreter loops over runtime bounds since 3.8")
-def test_triton_kernels_in_a_child_process():
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parent, capture_output=True, text=True,
-        timeout=600)
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
-    assert " passed" in child.stdout and "skipped" not in child.stdout.splitlines()[-1], child.stdout[-2000:]
+test_triton_kernels_in_a_child_process = in_a_child_process(__file__)
 
 
 @interpreted
