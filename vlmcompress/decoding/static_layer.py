@@ -45,7 +45,8 @@ def slots_needed(layer: CompressedLayer) -> int:
     held = layer.keys.shape[-2]
     if layer.capacity is None:
         return held
-    return max(held, int(layer.capacity.max())) + 1
+    capacity = layer.uniform_capacity if layer.uniform_capacity is not None else int(layer.capacity.max())
+    return max(held, capacity) + 1
 
 
 def held_per_row(layer: CompressedLayer) -> torch.Tensor:
@@ -73,6 +74,7 @@ class StaticLayer(CompressedLayer):
         # valid (one kernel) rather than rebuilt at every step (three)
         static._static_mask = None
         static._fixed_earliest = {}
+        static._validity_room = static._mask_room = None  # the eager layer's mask buffers: not used here
         static.prompt_slots = slots
         static.static_seen_base = torch.zeros(1, dtype=torch.long, device=layer.keys.device)
         evicting = layer.capacity is not None
