@@ -42,12 +42,22 @@ class SparsitySettings:
 
 
 @dataclass(frozen=True)
+class QuantSettings:
+    method: str
+    bits: int
+    group_size: int
+    calibration: Any = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class CompressionSettings:
     kv: KVSettings | None = None
     prune: PruneSettings | None = None
     sparsity: SparsitySettings | None = None
     cuda_graphs: bool | None = None  # static decoding (vlmcompress.decoding); None: where the model is on CUDA
     decoding: DecodingOptions = DecodingOptions()  # the fast paths' switches
+    quant: QuantSettings | None = None
 
     def describe(self) -> dict:
         """A JSON-ready summary (method, budget, options per family; decoding options where not the defaults)."""
@@ -61,6 +71,9 @@ class CompressionSettings:
         if self.sparsity:
             out["sparsity"] = {"method": self.sparsity.method, "ratio": self.sparsity.ratio,
                                "pattern": self.sparsity.pattern, **self.sparsity.options}
+        if self.quant:
+            out["quant"] = {"method": self.quant.method, "bits": self.quant.bits,
+                            "group_size": self.quant.group_size, **self.quant.options}
         return out
 
 
@@ -79,13 +92,20 @@ def _registries() -> dict[str, Registry]:
         pass
     else:
         families["sparsity"] = SPARSITY_METHODS
+    try:
+        from .quantization import QUANT_METHODS
+    except ImportError:
+        pass
+    else:
+        families["quant"] = QUANT_METHODS
     return families
 
 
-def accepted_options(kv: str | None = None, prune: str | None = None, sparsity: str | None = None) -> set[str]:
+def accepted_options(kv: str | None = None, prune: str | None = None, sparsity: str | None = None,
+                     quant: str | None = None) -> set[str]:
     """The option names the chosen methods take together (e.g. to filter a shared option list)."""
     families = _registries()
-    selected = {"kv": kv, "prune": prune, "sparsity": sparsity}
+    selected = {"kv": kv, "prune": prune, "sparsity": sparsity, "quant": quant}
     return set().union(*(families[f].option_names(m) for f, m in selected.items() if m is not None and f in families))
 
 
@@ -100,6 +120,9 @@ def build_settings(
     calibration: Any = None,
     cuda_graphs: bool | None = None,
     decoding: DecodingOptions | None = None,
+    quant: str | None = None,
+    quant_bits: int = 4,
+    quant_group_size: int = 128,
     **method_options,
 ) -> CompressionSettings:
     """Validate `load()`'s compression arguments and route each option to the family that takes it."""
@@ -109,7 +132,12 @@ def build_settings(
         kv = None
     if kv is None and kv_budget is not None:
         raise ValueError(f"kv_budget={kv_budget!r} was given without kv=...: choose one of {sorted(KV_METHODS)}")
-    selected = {"kv": kv, "prune": prune, "sparsity": sparsity}
+    if quant is not None and isinstance(quant, str) and quant.strip().lower() in ("none", ""):
+        quant = None
+    if quant is not None and sparsity is not None:
+        raise ValueError(f"quant={quant!r} with sparsity={sparsity!r} is not supported (GPTQ and AWQ rewrite the "
+                         "pruned zeros): choose one of quant=... or sparsity=...")
+    selected = {"kv": kv, "prune": prune, "sparsity": sparsity, "quant": quant}
     families = _registries()
     for family, method in selected.items():
         if method is not None and family not in families:
@@ -123,7 +151,7 @@ def build_settings(
         if not takers:
             if not accepted_by:
                 raise ValueError(f"unknown option {option}={value!r}: no method is chosen to take it (kv=..., "
-                                 "prune=... or sparsity=...), or the name is misspelled")
+                                 "prune=..., sparsity=... or quant=...), or the name is misspelled")
             valid = sorted(set().union(*accepted_by.values()))
             raise ValueError(
                 f"unknown option {option}={value!r} for the chosen methods "
@@ -163,5 +191,11 @@ def build_settings(
 
         validate_sparsity_args(sparsity, sparsity_ratio, sparsity_pattern, **routed["sparsity"])
         sparsity_settings = SparsitySettings(sparsity, sparsity_ratio, sparsity_pattern, calibration, routed["sparsity"])
+    quant_settings = None
+    if quant is not None:
+        from .quantization import validate_quant_args
+
+        method, bits, group_size, _ = validate_quant_args(quant, quant_bits, quant_group_size, **routed["quant"])
+        quant_settings = QuantSettings(method, bits, group_size, calibration, routed["quant"])
     return CompressionSettings(kv_settings, prune_settings, sparsity_settings, cuda_graphs,
-                               decoding or DecodingOptions())
+                               decoding or DecodingOptions(), quant_settings)

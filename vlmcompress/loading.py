@@ -43,6 +43,9 @@ def load(
     attn_implementation: str | None = None,
     cuda_graphs: bool | None = None,
     decoding: DecodingOptions | None = None,
+    quant: str | None = None,
+    quant_bits: int = 4,
+    quant_group_size: int = 128,
     **method_options,
 ):
     """Load a supported LVLM with the chosen compression applied.
@@ -69,6 +72,9 @@ def load(
             eagerly; on CUDA with triton their elementwise kernels are compiled (`vlmcompress.compilation`).
         decoding: `DecodingOptions`, the fast paths' switches (compilation, split-KV attention, fused products,
             the deferred stop check), all on by default.
+        quant / quant_bits / quant_group_size: weight quantization of the target Linear layers (`rtn`, `gptq`,
+            `awq`; `vlmcompress.quantization`), 2-4 bits, 32-256 input columns per scale, calibrated on
+            `calibration`. A folder saved from a quantized model loads quantized without these.
         **method_options: options of the chosen methods (e.g. window_size=32, kernel_size=5,
             sink_tokens=4; head_adaptive=True for AdaKV's split of each layer's budget over its KV heads,
             `vlmcompress.cache.HeadAdaptive`); each goes to the method that takes it, unknown ones are an error.
@@ -80,7 +86,8 @@ def load(
     settings = build_settings(
         kv=kv, kv_budget=kv_budget, prune=prune, prune_budget=prune_budget, sparsity=sparsity,
         sparsity_ratio=sparsity_ratio, sparsity_pattern=sparsity_pattern, calibration=calibration,
-        cuda_graphs=cuda_graphs, decoding=decoding, **method_options,
+        cuda_graphs=cuda_graphs, decoding=decoding, quant=quant, quant_bits=quant_bits,
+        quant_group_size=quant_group_size, **method_options,
     )
     head_adaptive = settings.kv is not None and settings.kv.options.get("head_adaptive", False)
     text_attention = (attn_implementation.get("text_config") if isinstance(attn_implementation, dict)
@@ -89,12 +96,22 @@ def load(
         raise ValueError(f"head_adaptive=True keeps a different number of tokens in each KV head, which only "
                          f"attn_implementation={RAGGED_ATTENTION!r} decodes, not {attn_implementation!r}: leave "
                          f"attn_implementation=None (it picks {RAGGED_ATTENTION!r})")
+    from .quantization import checkpoint
+
+    saved_quantization = checkpoint.read_quantization(pretrained)
+    if saved_quantization is not None and (settings.quant is not None or settings.sparsity is not None):
+        raise ValueError(f"{pretrained} holds a {saved_quantization['method']}-quantized model: load it without "
+                         "quant=/sparsity=, or quantize the original checkpoint")
+    if saved_quantization is not None:
+        model_class = checkpoint.quantized_model_class(model_class, saved_quantization)
     model = model_class.from_pretrained(
         pretrained,
         dtype=dtype,
         device_map=device_map,
         attn_implementation=attn_implementation or default_attn_implementation(cuda_graphs, head_adaptive),
     ).eval()
+    if saved_quantization is not None:
+        checkpoint.restored(model, saved_quantization)
     model.compression = settings
     if settings.sparsity is not None:
         from transformers import AutoProcessor
@@ -105,4 +122,12 @@ def load(
         model.sparsity_report = sparsify(
             model, AutoProcessor.from_pretrained(pretrained), s.method, s.ratio, s.pattern, s.calibration, **s.options
         )
+    if settings.quant is not None:
+        from transformers import AutoProcessor
+
+        from .quantization import quantize
+
+        q = settings.quant
+        quantize(model, AutoProcessor.from_pretrained(pretrained), q.method, q.bits, q.group_size, q.calibration,
+                 **q.options)
     return model

@@ -23,7 +23,7 @@ from .ecoflap import ecoflap_allocate, zeroth_order_scores
 from .magnitude import magnitude_mask
 from .report import REPORT_FILE, LayerSparsity, SparsityReport, load_sparsity_report
 from .semi_structured import to_semi_structured
-from .sequential import TARGETS, StatsCollector, capture_inputs, find_stacks, model_device, run_block
+from .sequential import TARGETS, calibrate_blocks, find_stacks, model_device
 from .sparsegpt import sparsegpt_prune
 from .wanda import wanda_mask, wanda_score
 from ..registry import Registry
@@ -217,24 +217,13 @@ def _prune_stack(model, stack, spec, samples, block_ratio, nm, opts, progress):
             for linear in linears.values():
                 _prune_linear(spec, linear, None, block_ratio[block], nm, opts)
         return
+    def prune_block(block_name, linears, collector):
+        for lname, linear in linears.items():
+            _prune_linear(spec, linear, collector.stats.pop(lname), block_ratio[block_name], nm, opts)
+
     bar = _bar(progress, len(samples) + len(stack.blocks), f"{spec.name}: {stack.target}")
     try:
-        captured = capture_inputs(model, stack, samples, bar)
-        hidden = captured.hidden
-        for index, (block_name, block) in enumerate(stack.blocks):
-            linears = stack.linears[block_name]
-            collector = StatsCollector(linears, spec.stats)
-            try:
-                for s, h in enumerate(hidden):
-                    run_block(block, h, captured.calls[index][s])
-            finally:
-                collector.remove()
-            for lname, linear in linears.items():
-                _prune_linear(spec, linear, collector.stats.pop(lname), block_ratio[block_name], nm, opts)
-            del collector
-            if index + 1 < len(stack.blocks):
-                hidden = [run_block(block, h, captured.calls[index][s]) for s, h in enumerate(hidden)]
-            bar.update(1)
+        calibrate_blocks(model, stack, samples, spec.stats, prune_block, bar)
     finally:
         bar.close()
 

@@ -187,10 +187,12 @@ class StatsCollector:
 
     kind "norm": per input feature, the sum over tokens of x_j^2 (Wanda's ||X_j||_2^2).
     kind "hessian": X^T X summed over tokens (SparseGPT's H up to a constant).
+    kind "inputs": (sum over tokens of |x_j|, [up to `rows_per_call` evenly spaced tokens of each call]) (AWQ).
     """
 
-    def __init__(self, linears: dict, kind: str):
+    def __init__(self, linears: dict, kind: str, rows_per_call: int | None = None):
         self.kind = kind
+        self.rows_per_call = rows_per_call
         self.stats = {}
         self.tokens = {}
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
@@ -198,6 +200,13 @@ class StatsCollector:
     def _hook(self, name):
         def hook(module, args, output):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+            if self.kind == "inputs":
+                abs_sum, rows = self.stats.setdefault(name, (torch.zeros_like(x[0]), []))
+                abs_sum += x.abs().sum(0)
+                kept = min(x.shape[0], self.rows_per_call or x.shape[0])
+                rows.append(x[torch.linspace(0, x.shape[0] - 1, kept, device=x.device).round().long()])
+                return
             if self.kind == "norm":
                 update = (x * x).sum(0)
             else:
@@ -206,10 +215,31 @@ class StatsCollector:
                 self.stats[name] += update
             else:
                 self.stats[name] = update
-            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
         return hook
 
     def remove(self):
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+def calibrate_blocks(model, stack: Stack, samples, kind: str, update_block, progress_bar=None, rows_per_call=None):
+    """Sequential calibration of `stack`: each block in turn runs on every sample with a `StatsCollector` of
+    `kind` on its Linear layers, then `update_block(block_name, linears, collector)` changes the block from
+    those statistics (prunes, quantizes), and the next block receives the changed block's outputs."""
+    captured = capture_inputs(model, stack, samples, progress_bar)
+    hidden = captured.hidden
+    for index, (block_name, block) in enumerate(stack.blocks):
+        linears = stack.linears[block_name]
+        collector = StatsCollector(linears, kind, rows_per_call)
+        try:
+            for s, h in enumerate(hidden):
+                run_block(block, h, captured.calls[index][s])
+        finally:
+            collector.remove()
+        update_block(block_name, linears, collector)
+        del collector
+        if index + 1 < len(stack.blocks):
+            hidden = [run_block(block, h, captured.calls[index][s]) for s, h in enumerate(hidden)]
+        if progress_bar is not None:
+            progress_bar.update(1)

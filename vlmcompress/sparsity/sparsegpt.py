@@ -20,6 +20,22 @@ import torch
 from .base import SparsityMethod, mask_lowest, prune_count
 
 
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + lambda I)^-1: row q of U, divided by U_qq, is row q of H_F^-1 with
+    F = {q, q+1, ...} (SparseGPT's and GPTQ's sequence of inverses). Zero-diagonal (dead) inputs get H_qq = 1
+    (H is changed in place there)."""
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(4):  # 10x more dampening if H + lambda I is numerically not positive definite
+        damp = percdamp * 10**attempt * torch.mean(torch.diagonal(H))
+        try:
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H + damp * eye)), upper=True)
+        except torch.linalg.LinAlgError:
+            if attempt == 3:
+                raise
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -38,19 +54,7 @@ def sparsegpt_prune(
     rows, cols = W.shape
     if nm is not None and blocksize % nm[1]:
         raise ValueError(f"blocksize={blocksize} must be a multiple of M={nm[1]} for an N:M pattern")
-    diag = torch.diagonal(H)
-    dead = diag == 0
-    H[dead, dead] = 1.0
-    eye = torch.eye(cols, dtype=dtype, device=W.device)
-    # Upper Cholesky factor U of H^-1: row q of U, divided by U_qq, is row q of (H_F^-1) with F = {q, ...}.
-    for attempt in range(4):  # 10x more dampening if H + lambda I is numerically not positive definite
-        damp = percdamp * 10**attempt * torch.mean(torch.diagonal(H))
-        try:
-            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H + damp * eye)), upper=True)
-            break
-        except torch.linalg.LinAlgError:
-            if attempt == 3:
-                raise
+    U = inverse_hessian_factor(H, percdamp)
     mask = torch.zeros_like(W, dtype=torch.bool)
 
     for b0 in range(0, cols, blocksize):

@@ -1,0 +1,164 @@
+"""`QuantizedLinear`: a Linear layer whose weight is held as packed 4-bit codes, and its matrix products.
+
+Stored form (what `state_dict`, `save_pretrained` and checkpoints hold, on any device):
+
+* `qweight`  uint8 `[out, in / 2]`: two codes a byte, column 2j in the high nibble and 2j+1 in the low one
+  (the input of PyTorch's `_convert_weight_to_int4pack`);
+* `scales`   `[out, in / group]` in the model's dtype, and `zeros` uint8 `[out, in / group]`: a weight reads
+  back as `(q - zero) * scale`;
+* `input_scale` (AWQ only) `[in]`: the input is multiplied by it before the product (the inverse of the
+  per-channel scale AWQ folded into the weight);
+* `bias` when the Linear had one.
+
+Products: PyTorch's own int4 kernels, `torch.ops.aten._weight_int4pack_mm` (CUDA, bfloat16: tinygemm) and
+`_weight_int4pack_mm_for_cpu` (CPU, float32 or bfloat16), which read `(q - 8) * scale + offset` with
+`offset = (8 - zero) * scale`. On the first product on a device whose kernel takes the layer, the codes are
+repacked into that kernel's layout in place of `qweight` (no second copy is kept); `state_dict` and moving the
+module to another device turn them back into the stored form exactly. Where no kernel takes the layer (float16,
+float32 on CUDA, widths the kernels do not tile), the weight is dequantized for each product.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import dequantize_groups
+
+PLAIN, CUDA_TILED, CPU_PACKED = "plain", "cuda", "cpu"
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [out, in] (values 0..15, in even) -> [out, in / 2], column 2j in the high nibble."""
+    codes = codes.to(torch.uint8)
+    return (codes[:, 0::2] << 4) | codes[:, 1::2]
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_codes`."""
+    return torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1)
+
+
+def _inner_k_tiles(in_features: int) -> int | None:
+    return next((t for t in (8, 4, 2) if in_features % (16 * t) == 0), None)
+
+
+class QuantizedLinear(nn.Module):
+    """`y = (x * input_scale) @ dequant(W)^T + bias` with W held as 4-bit codes (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bits: int, bias: bool = False,
+                 input_scale: bool = False, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size, self.bits = in_features, out_features, group_size, bits
+        self.layout = PLAIN
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, device=device) if input_scale else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.register_buffer("scale_and_offset", None, persistent=False)  # the kernels' [in/group, out, 2]
+        self._register_state_dict_hook(_stored_form_in_state_dict)
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, codes, scales, zeros, bits: int, input_scale=None) -> "QuantizedLinear":
+        """The quantized replacement of `linear` from codes [out, in], scales and zeros [out, in / group]."""
+        weight = linear.weight
+        module = cls(linear.in_features, linear.out_features, linear.in_features // scales.shape[1], bits,
+                     bias=linear.bias is not None, input_scale=input_scale is not None, dtype=weight.dtype,
+                     device=weight.device)
+        module.qweight.copy_(pack_codes(codes))
+        module.scales.copy_(scales)
+        module.zeros.copy_(zeros.round().to(torch.uint8))
+        if input_scale is not None:
+            module.input_scale.copy_(input_scale)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.data)
+        return module
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, awq={self.input_scale is not None}, "
+                f"layout={self.layout}")
+
+    # ----------------------------------------------------------------------------------------- stored form
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes [out, in] (uint8), whatever layout `qweight` is in now."""
+        if self.layout == PLAIN:
+            return unpack_codes(self.qweight)
+        # one product with the identity, scale 1 and offset 8, reads each code back exactly: (q - 8) * 1 + 8 = q
+        dtype = self.scale_and_offset.dtype
+        unit = torch.stack([torch.ones_like(self.scale_and_offset[..., 0]),
+                            torch.full_like(self.scale_and_offset[..., 0], 8)], dim=-1)
+        rows = []
+        for start in range(0, self.in_features, 1024):
+            eye = torch.eye(self.in_features, dtype=dtype, device=self.qweight.device)[start:start + 1024]
+            rows.append(self._kernel(eye, unit))
+        return torch.cat(rows).t().round().to(torch.uint8)
+
+    def weight_bytes(self) -> int:
+        """Bytes held for the weight: every buffer (codes, scales, zeros, the kernel's scales, the input scale)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the codes stand for, float32 [out, in] (the input scale not applied)."""
+        return dequantize_groups(self.codes(), self.scales, self.zeros)
+
+    def _to_plain(self) -> None:
+        if self.layout != PLAIN:
+            self.qweight = pack_codes(self.codes())
+            self.scale_and_offset, self.layout = None, PLAIN
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): from the stored form
+        self._to_plain()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._to_plain()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------- products
+
+    def kernel_layout(self) -> str | None:
+        """The int4 kernel that takes this layer on its current device and dtype, or None."""
+        device, dtype = self.scales.device, self.scales.dtype
+        if device.type == "cuda" and dtype == torch.bfloat16 and self.out_features % 8 == 0 \
+                and _inner_k_tiles(self.in_features):
+            return CUDA_TILED
+        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and self.out_features % 16 == 0:
+            return CPU_PACKED
+        return None
+
+    def _to_kernel_layout(self, layout: str) -> None:
+        if layout == CUDA_TILED:
+            tiled = torch.ops.aten._convert_weight_to_int4pack(self.qweight.contiguous(), _inner_k_tiles(self.in_features))
+        else:
+            tiled = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_codes(self.qweight).to(torch.int32), 1)
+        scales = self.scales.float()
+        offset = (8 - self.zeros.float()) * scales
+        self.scale_and_offset = torch.stack([scales, offset], dim=-1).transpose(0, 1).contiguous().to(self.scales.dtype)
+        self.qweight, self.layout = tiled, layout
+
+    def _kernel(self, x2d: torch.Tensor, scale_and_offset: torch.Tensor) -> torch.Tensor:
+        if self.layout == CUDA_TILED:
+            return torch.ops.aten._weight_int4pack_mm(x2d, self.qweight, self.group_size, scale_and_offset)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.qweight, self.group_size, scale_and_offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        if self.layout == PLAIN and (layout := self.kernel_layout()) is not None:
+            self._to_kernel_layout(layout)
+        if self.layout != PLAIN and x.dtype == self.scale_and_offset.dtype:
+            out = self._kernel(x.reshape(-1, self.in_features), self.scale_and_offset)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out + self.bias if self.bias is not None else out
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+
+def _stored_form_in_state_dict(module: QuantizedLinear, state_dict, prefix, local_metadata):
+    if module.layout != PLAIN:
+        state_dict[prefix + "qweight"] = pack_codes(module.codes())
+    return state_dict
