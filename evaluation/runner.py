@@ -93,7 +93,7 @@ def split_model_args(model_args: dict) -> tuple[dict, dict]:
 
 
 def is_baseline(compression: dict) -> bool:
-    return all(compression.get(k) in (None, "none", "None") for k in ("kv", "prune", "sparsity"))
+    return all(compression.get(k) in (None, "none", "None") for k in ("kv", "prune", "sparsity", "quant"))
 
 
 def run_name(compression: dict) -> str:

@@ -68,6 +68,7 @@ def check_arguments(args: argparse.Namespace, configs: list[dict] | None = None)
         check_cache_folder(args.use_cache)
     hub = HubAccess()
     check_checkpoint(str(model_args["pretrained"]), args.model, hub)
+    check_quant_group_sizes(configs, str(model_args["pretrained"]), hub)
     check_data(tasks, args.data_dir, hub)
     return Checked(model_args, configs, tasks, gen_kwargs)
 
@@ -329,6 +330,25 @@ def check_checkpoint(pretrained: str, family: str, hub: HubAccess) -> str:
         raise UsageError(f"--model {family} does not match the checkpoint's model_type {model_type!r}: use --model "
                          f"{model_type} or --model auto")
     return model_type
+
+
+def check_quant_group_sizes(configs: list[dict], pretrained: str, hub: HubAccess) -> None:
+    """Each config's quant_group_size divides the language model's layer widths (config.json), before any weight."""
+    from transformers import PretrainedConfig
+
+    from vlmcompress.quantization.base import check_group_fits_config
+
+    quantized = [c for c in configs if c.get("quant") not in (None, "none", "None")]
+    if not quantized:
+        return
+    config_dict = read_model_config(pretrained, hub)
+    text = config_dict.get("text_config") or config_dict.get("llm_config") or config_dict
+    config = PretrainedConfig(text_config=PretrainedConfig(**text))
+    for c in quantized:
+        try:
+            check_group_fits_config(config, c.get("quant_group_size", 128), c.get("targets", "language_model"))
+        except ValueError as exc:
+            raise UsageError(f"config {run_name(c)}: {one_line(exc)}") from None
 
 
 def dataset_cached(dataset_id: str) -> bool:

@@ -82,7 +82,8 @@ def load(
     Returns the model: an instance of a subclass of the upstream transformers class, whose
     `generate` applies the compression with no extra argument.
     """
-    model_class = architecture(AutoConfig.from_pretrained(pretrained).model_type, pretrained).model_class
+    config = AutoConfig.from_pretrained(pretrained)
+    model_class = architecture(config.model_type, pretrained).model_class
     settings = build_settings(
         kv=kv, kv_budget=kv_budget, prune=prune, prune_budget=prune_budget, sparsity=sparsity,
         sparsity_ratio=sparsity_ratio, sparsity_pattern=sparsity_pattern, calibration=calibration,
@@ -97,7 +98,10 @@ def load(
                          f"attn_implementation={RAGGED_ATTENTION!r} decodes, not {attn_implementation!r}: leave "
                          f"attn_implementation=None (it picks {RAGGED_ATTENTION!r})")
     from .quantization import checkpoint
+    from .quantization.base import check_group_fits_config
 
+    if settings.quant is not None:
+        check_group_fits_config(config, settings.quant.group_size, settings.quant.options.get("targets", "language_model"))
     saved_quantization = checkpoint.read_quantization(pretrained)
     if saved_quantization is not None and (settings.quant is not None or settings.sparsity is not None):
         raise ValueError(f"{pretrained} holds a {saved_quantization['method']}-quantized model: load it without "

@@ -27,15 +27,18 @@ def awq_scales(mean_abs_input: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def awq_quantize(weight: torch.Tensor, mean_abs_input: torch.Tensor, inputs: torch.Tensor, bits: int,
                  group_size: int, n_grid: int = 20):
-    """Search alpha and quantize. Returns (codes, scales, zeros, input_scale = 1/s, chosen alpha, errors)."""
-    W = weight.detach().float()
-    X = inputs.float()
+    """Search alpha and quantize `weight` [out, in] given mean |x| per input [in] and calibration inputs [tokens, in].
+
+    Returns (codes, scales, zeros, input_scale = 1/s, chosen alpha, the error of every alpha), computed in float32
+    (float64 if the inputs are float64)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    W, X, mean_abs_input = weight.detach().to(dtype), inputs.to(dtype), mean_abs_input.to(dtype)
     reference = X @ W.t()
     best = None
     errors = []
     for step in range(n_grid):
         alpha = step / n_grid
-        s = awq_scales(mean_abs_input.float(), alpha)
+        s = awq_scales(mean_abs_input, alpha)
         codes, scales, zeros = quantize_groups(W * s, bits, group_size)
         error = ((X / s) @ dequantize_groups(codes, scales, zeros).t() - reference).pow(2).mean().item()
         errors.append(error)

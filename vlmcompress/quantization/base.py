@@ -45,8 +45,27 @@ def check_group_divides(name: str, in_features: int, group_size: int) -> None:
         raise ValueError(
             f"quant_group_size={group_size} does not divide the input width of {name} (in_features={in_features}): "
             f"use quant_group_size={fits[-1] if fits else 'one that divides every quantized layer'}"
-            + (f" (any of {fits} fits this layer)" if fits else "") + ", or leave this layer out (targets=...)"
+            + (f" (any of {fits} fits this layer)" if fits else "") + ", or leave its part of the model out (targets=...)"
         )
+
+
+def language_model_widths(config) -> dict[str, int]:
+    """Input widths of the language model's Linear layers, read off a model config (before any weight loads)."""
+    text = getattr(config, "text_config", None) or getattr(config, "llm_config", None) or config
+    heads = getattr(text, "num_attention_heads", None)
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+    widths = {"q/k/v, gate/up (hidden_size)": text.hidden_size, "down_proj (intermediate_size)": text.intermediate_size}
+    if heads and head_dim:
+        widths["o_proj (heads x head_dim)"] = heads * head_dim
+    return widths
+
+
+def check_group_fits_config(config, group_size: int, targets=("language_model",)) -> None:
+    """`check_group_divides` for the language model's layers from the config alone (other targets are checked on
+    the loaded layers)."""
+    if "language_model" in targets:
+        for name, width in language_model_widths(config).items():
+            check_group_divides(f"the language model's {name}", width, group_size)
 
 
 def grid_params(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,11 +98,13 @@ def quantize_groups(weight: torch.Tensor, bits: int, group_size: int):
 
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """(q - z) * s, each group's scale and zero broadcast over its columns; float32 [out, in]."""
+    """(q - z) * s, each group's scale and zero broadcast over its columns; [out, in] in float32 (float64 for
+    float64 scales)."""
+    dtype = torch.promote_types(scales.dtype, torch.float32)
     group_size = codes.shape[1] // scales.shape[1]
-    s = scales.float().repeat_interleave(group_size, dim=1)
-    z = zeros.float().repeat_interleave(group_size, dim=1)
-    return (codes.float() - z) * s
+    s = scales.to(dtype).repeat_interleave(group_size, dim=1)
+    z = zeros.to(dtype).repeat_interleave(group_size, dim=1)
+    return (codes.to(dtype) - z) * s
 
 
 # Keyword options of `quantize` that every method takes, besides its own (`QuantMethod.options`).

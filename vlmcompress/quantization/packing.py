@@ -11,11 +11,11 @@ Stored form (what `state_dict`, `save_pretrained` and checkpoints hold, on any d
 * `bias` when the Linear had one.
 
 Products: PyTorch's own int4 kernels, `torch.ops.aten._weight_int4pack_mm` (CUDA, bfloat16: tinygemm) and
-`_weight_int4pack_mm_for_cpu` (CPU, float32 or bfloat16), which read `(q - 8) * scale + offset` with
+`_weight_int4pack_mm_for_cpu` (CPU, bfloat16), which read `(q - 8) * scale + offset` with
 `offset = (8 - zero) * scale`. On the first product on a device whose kernel takes the layer, the codes are
 repacked into that kernel's layout in place of `qweight` (no second copy is kept); `state_dict` and moving the
 module to another device turn them back into the stored form exactly. Where no kernel takes the layer (float16,
-float32 on CUDA, widths the kernels do not tile), the weight is dequantized for each product.
+float32, widths the kernels do not tile), the weight is dequantized for each product.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ class QuantizedLinear(nn.Module):
         if device.type == "cuda" and dtype == torch.bfloat16 and self.out_features % 8 == 0 \
                 and _inner_k_tiles(self.in_features):
             return CUDA_TILED
-        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and self.out_features % 16 == 0:
+        # float32 has a CPU kernel too, but one slower than dequantizing: bfloat16 only
+        if device.type == "cpu" and dtype == torch.bfloat16 and self.out_features % 16 == 0:
             return CPU_PACKED
         return None
 
