@@ -245,9 +245,9 @@ def test_valid_arguments_and_registry():
 # ----- on models ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def wide_qwen(tmp_path_factory):
-    """A tiny Qwen2-VL whose language model's widths take group size 128 (hidden 128, intermediate 256)."""
-    return str(save_tiny_model("qwen2_vl", tmp_path_factory.mktemp("wide") / "qwen2_vl", hidden_size=128,
-                               intermediate_size=256, num_attention_heads=8))
+    """A tiny LLaVA-OneVision whose language model's widths take group size 128 (hidden 128, intermediate 256)."""
+    return str(save_tiny_model("llava_onevision", tmp_path_factory.mktemp("wide") / "llava_onevision",
+                               hidden_size=128, intermediate_size=256))
 
 
 def inputs_of(path, question="What is in the picture? Describe it.", seed=3):
