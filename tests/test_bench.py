@@ -103,9 +103,28 @@ def test_multi_gpu_script_runs_at_toy_size_with_two_cpu_ranks(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs instead of refusing")
-@pytest.mark.parametrize("script", ["decode_attention", "decode_step", "scoring", "workload"])
+@pytest.mark.parametrize("script", ["decode_attention", "decode_step", "quant", "scoring", "workload"])
 def test_cuda_timers_need_a_gpu_and_say_so(script):
     module = __import__(script)
 
     with pytest.raises(SystemExit, match=f"{script}.py times CUDA kernels: it needs a GPU"):
         module.main([])
+
+
+def test_quantization_benchmark_runs_at_toy_size(tiny_dirs, tmp_path):
+    import quant
+
+    out = tmp_path / "quant.json"
+    rows = quant.main(["--toy", tiny_dirs["qwen2_vl"], "--model", "toy", "--batches", "1,2", "--group-size", "32",
+                       "--paths", "eager,graphs+snapkv,unknownmethod", "--new-tokens", "3", "--repeats", "1",
+                       "--budget", "0.5", "--out", str(out)])
+    assert len(rows) == 2 * 2 * 3
+    by_key = {(r["weights"], r["batch"], r["path"]): r for r in rows}
+    assert "unknown KV-cache method 'unknownmethod'" in by_key["w4-rtn-g32", 1, "unknownmethod"]["error"]
+    for batch in (1, 2):
+        for path in ("eager", "graphs+snapkv"):
+            bf16, w4 = by_key["bf16", batch, path], by_key["w4-rtn-g32", batch, path]
+            assert w4["decode_tok_s"] > 0 and w4["speedup"] == w4["decode_tok_s"] / bf16["decode_tok_s"]
+            assert w4["linear_gb"] < 0.3 * bf16["linear_gb"]  # the toy is float32: packed is under 1/4 + scales
+    saved = json.loads(out.read_text())
+    assert saved["command"].startswith("python bench/quant.py --toy") and len(saved["rows"]) == 12

@@ -1,0 +1,143 @@
+"""Decoding speed of 4-bit weights (W4A16, `vlmcompress.quantization`) against bf16, same process, at real size.
+
+    python bench/quant.py --model qwen2_vl_7b --batches 1,8 --paths eager,graphs,snapkv,graphs+snapkv \
+        --new-tokens 64 --out results/quant.json
+
+The model is built from its real configuration with random bf16 weights (`real_models.py`): first as it is, then
+a second copy whose language-model Linear layers are quantized by round-to-nearest (`--bits`, `--group-size`;
+speed does not depend on the method or the values) into `QuantizedLinear` layers, which multiply through PyTorch's
+int4 kernel (tinygemm). For each weights kind, batch size and path (`eager`: transformers' decoding; `graphs`:
+`cuda_graphs=True`, static decoding replayed from a CUDA graph; `snapkv`: SnapKV at `--budget`, eager or with
+`graphs+`), one `generate` at the timed shapes runs first (it captures what the path captures), then `--repeats`
+timed pairs, medians reported:
+  generate_s     one `generate` of `--new-tokens` tokens
+  ttft_s         one `generate` of one token
+  decode_tok_s   batch x (new tokens - 1) / (generate_s - ttft_s)
+  linear_gb      bytes held by the language model's Linear weights (codes, scales and zeros when quantized)
+and each quantized row's `speedup` (its decode_tok_s over the bf16 row of the same batch and path).
+`--toy DIR` runs the same code on a tiny CPU checkpoint (a smoke test of the script; timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+
+from bench import announce_cuda_run, build_model, synchronize, timed  # noqa: E402
+from real_models import make_inputs  # noqa: E402
+from vlmcompress.config import accepted_options, build_settings  # noqa: E402
+from vlmcompress.quantization import QuantizedLinear, quantize  # noqa: E402
+
+
+def linear_bytes(model) -> int:
+    total = 0
+    for module in model.model.language_model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def generator(model, path: str, budget: float):
+    """`generate(inputs, new_tokens)` of one path: `eager`, `graphs`, a KV method, or `graphs+` a KV method."""
+    graphs = path.startswith("graphs")
+    kv = path.removeprefix("graphs").lstrip("+")
+    kv = None if kv in ("", "eager") else kv
+    options = {"window_size": 32} if kv and "window_size" in accepted_options(kv) else {}
+    model.compression = build_settings(kv=kv, kv_budget=budget if kv else None, cuda_graphs=graphs, **options)
+    return lambda inputs, new_tokens: model.generate(
+        **inputs, do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+
+
+def measure(model, prompts, path, args, device) -> dict:
+    generate = generator(model, path, args.budget)
+    generate(prompts[0], args.new_tokens), generate(prompts[0], 1)  # capture / compile at these shapes
+    calls, ttfts = [], []
+    for inputs in prompts[1:]:
+        calls.append(timed(functools.partial(generate, inputs, args.new_tokens), device)[0])
+        ttfts.append(timed(functools.partial(generate, inputs, 1), device)[0])
+    call, ttft = statistics.median(calls), statistics.median(ttfts)
+    batch = prompts[0]["input_ids"].shape[0]
+    return {"generate_s": call, "ttft_s": ttft, "decode_tok_s": batch * (args.new_tokens - 1) / max(call - ttft, 1e-9),
+            "prompt_tokens": prompts[0]["input_ids"].shape[1]}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2_vl_7b")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--paths", default="eager,graphs,snapkv,graphs+snapkv")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="different prompts timed per row")
+    parser.add_argument("--budget", type=float, default=0.1, help="KV budget of the snapkv paths")
+    parser.add_argument("--hires", type=int, default=672, help="side of the prompt's image, pixels")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--toy", default=None, help="a tiny checkpoint folder: run on the CPU at toy size")
+    parser.add_argument("--out", default=None, help="a JSON file for the rows")
+    args = parser.parse_args(argv)
+    if args.toy:
+        device = torch.device("cpu")
+        command = "python bench/quant.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        machine = {"device": platform.processor() or "cpu", "torch": torch.__version__,
+                   "transformers": transformers.__version__, "python": platform.python_version()}
+    else:
+        device = torch.device("cuda")
+        command, machine = announce_cuda_run("quant.py", argv)
+    rows = []
+    for weights in ("bf16", f"w{args.bits}-rtn-g{args.group_size}"):
+        model, processor = build_model(args.model, device, args.toy)
+        if weights != "bf16":
+            report = quantize(model, processor, "rtn", args.bits, args.group_size, progress=False)
+            print(f"# {report}", flush=True)
+        synchronize(device)
+        held = {"linear_gb": linear_bytes(model) / 1e9,
+                "allocated_gb": torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else None}
+        for batch in map(int, args.batches.split(",")):
+            prompts = [make_inputs(processor, "hires", batch, args.hires if not args.toy else 64,
+                                   first_image=k * batch).to(device) for k in range(args.repeats + 1)]
+            for path in args.paths.split(","):
+                row = {"model": args.model, "weights": weights, "batch": batch, "path": path,
+                       "new_tokens": args.new_tokens, **held}
+                try:
+                    row.update(measure(model, prompts, path, args, device))
+                except Exception as exc:  # noqa: BLE001 - one failing row is reported, the others still run
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows:
+        base = next((r for r in rows if r["weights"] == "bf16" and r["batch"] == row["batch"]
+                     and r["path"] == row["path"] and "decode_tok_s" in r), None)
+        if row["weights"] != "bf16" and base is not None and "decode_tok_s" in row:
+            row["speedup"] = row["decode_tok_s"] / base["decode_tok_s"]
+    print("| weights | batch | path | decode tok/s | x bf16 | TTFT s | Linear GB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['weights']} | {r['batch']} | {r['path']} | {r.get('decode_tok_s', float('nan')):.1f} | "
+              f"{r.get('speedup', 1.0 if r['weights'] == 'bf16' else float('nan')):.2f} | "
+              f"{r.get('ttft_s', float('nan')):.3f} | {r['linear_gb']:.2f} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
