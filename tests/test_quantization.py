@@ -17,8 +17,8 @@ from torch import nn
 
 import vlmcompress
 from vlmcompress.quantization import (
-    QUANT_METHODS, QuantizedLinear, awq_quantize, dequantize_groups, gptq_quantize, pack_codes, quantize_groups,
-    unpack_codes, validate_quant_args,
+    QUANT_METHODS, QuantizedLinear, awq_quantize, dequantize_groups, gptq_quantize, pack_codes, quantize,
+    quantize_groups, unpack_codes, validate_quant_args,
 )
 from vlmcompress.testing import chat_prompt, random_image, save_tiny_model
 
@@ -277,9 +277,10 @@ def test_packed_weights_hold_under_0_3x_the_bf16_bytes(wide_qwen):
     assert model.quantization_report.memory_ratio() <= 0.3
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
-def test_quantized_model_saves_and_loads_with_the_same_outputs(tiny_dirs, tmp_path, method):
-    path = tiny_dirs["qwen2_vl"]
+@pytest.mark.parametrize("arch, method", [("qwen2_vl", "rtn"), ("qwen2_vl", "gptq"), ("qwen2_vl", "awq"),
+                                          ("llava_onevision", "awq"), ("internvl", "gptq")])
+def test_quantized_model_saves_and_loads_with_the_same_outputs(tiny_dirs, tmp_path, arch, method):
+    path = tiny_dirs[arch]
     inputs = inputs_of(path)
     model = vlmcompress.load(path, quant=method, quant_bits=4, quant_group_size=32, num_samples=3, progress=False)
     assert model.quantization_report.num_samples == (0 if method == "rtn" else 3)
@@ -296,6 +297,8 @@ def test_quantized_model_saves_and_loads_with_the_same_outputs(tiny_dirs, tmp_pa
     assert torch.equal(again.generate(**inputs, max_new_tokens=4, do_sample=False), tokens)
     with pytest.raises(ValueError, match="holds a .*-quantized model: load it without quant="):
         vlmcompress.load(str(tmp_path), quant="rtn", quant_group_size=32)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(again, None, "rtn", 4, 32)
 
 
 def test_calibrated_methods_follow_the_full_precision_model_closer_than_rounding(wide_qwen):

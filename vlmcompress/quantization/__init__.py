@@ -84,6 +84,8 @@ def quantize(
     name, bits, group_size, opts = validate_quant_args(method, bits, group_size, **options)
     spec = QUANT_METHODS[name]
     targets = _normalize_targets(targets)
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError("the model is already quantized: quantize the original (unquantized) model")
     stacks = find_stacks(model, targets)
     for stack in stacks:
         for linears in stack.linears.values():

@@ -124,7 +124,6 @@ class QuantMethod:
     stats: str
     quantize: Callable
     options: dict[str, Any] = field(default_factory=dict)
-    aliases: tuple[str, ...] = ()
     description: str = ""
     check: Callable | None = None  # check(options) -> options: the method's own options checked, before any weight
 

@@ -30,7 +30,7 @@ class QuantizationReport:
     options: dict = field(default_factory=dict)
     num_samples: int = 0
     seconds: float = 0.0
-    layers: dict = field(default_factory=dict)  # name -> {in_features, out_features, bias, input_scale, bytes...}
+    layers: dict = field(default_factory=dict)  # name -> shape, bias, input_scale?, original and quantized bytes
 
     def add_layer(self, name: str, linear: torch.nn.Linear, module: QuantizedLinear) -> None:
         self.layers[name] = {
@@ -46,7 +46,7 @@ class QuantizationReport:
             1, sum(l["original_bytes"] for l in self.layers.values()))
 
     def save(self, directory) -> None:
-        Path(directory, QUANT_FILE).write_text(json.dumps(asdict(self), indent=1, default=list))
+        Path(directory, QUANT_FILE).write_text(json.dumps(asdict(self), indent=1))
 
     def __str__(self) -> str:
         return (f"{self.method} W{self.bits} group {self.group_size}: {len(self.layers)} layers of "
