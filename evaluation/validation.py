@@ -346,7 +346,7 @@ def check_quant_group_sizes(configs: list[dict], pretrained: str, hub: HubAccess
     config = PretrainedConfig(text_config=PretrainedConfig(**text))
     for c in quantized:
         try:
-            check_group_fits_config(config, c.get("quant_group_size", 128), c.get("targets", "language_model"))
+            check_group_fits_config(config, c.get("quant_group_size", 128), c.get("targets"))
         except ValueError as exc:
             raise UsageError(f"config {run_name(c)}: {one_line(exc)}") from None
 

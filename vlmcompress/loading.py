@@ -101,7 +101,7 @@ def load(
     from .quantization.base import check_group_fits_config
 
     if settings.quant is not None:
-        check_group_fits_config(config, settings.quant.group_size, settings.quant.options.get("targets", "language_model"))
+        check_group_fits_config(config, settings.quant.group_size, settings.quant.options.get("targets"))
     saved_quantization = checkpoint.read_quantization(pretrained)
     if saved_quantization is not None and (settings.quant is not None or settings.sparsity is not None):
         raise ValueError(f"{pretrained} holds a {saved_quantization['method']}-quantized model: load it without "

@@ -60,10 +60,12 @@ def language_model_widths(config) -> dict[str, int]:
     return widths
 
 
-def check_group_fits_config(config, group_size: int, targets=("language_model",)) -> None:
+def check_group_fits_config(config, group_size: int, targets=None) -> None:
     """`check_group_divides` for the language model's layers from the config alone (other targets are checked on
-    the loaded layers)."""
-    if "language_model" in targets:
+    the loaded layers); `targets` as `quantize` takes it, None for the default (the language model)."""
+    from ..sparsity import _normalize_targets
+
+    if "language_model" in _normalize_targets(targets or ("language_model",)):
         for name, width in language_model_widths(config).items():
             check_group_divides(f"the language model's {name}", width, group_size)
 

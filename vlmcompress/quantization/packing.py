@@ -94,7 +94,9 @@ class QuantizedLinear(nn.Module):
                             torch.full_like(self.scale_and_offset[..., 0], 8)], dim=-1)
         rows = []
         for start in range(0, self.in_features, 1024):
-            eye = torch.eye(self.in_features, dtype=dtype, device=self.qweight.device)[start:start + 1024]
+            count = min(1024, self.in_features - start)
+            eye = torch.zeros(count, self.in_features, dtype=dtype, device=self.qweight.device)
+            eye[torch.arange(count), start + torch.arange(count)] = 1
             rows.append(self._kernel(eye, unit))
         return torch.cat(rows).t().round().to(torch.uint8)
 
