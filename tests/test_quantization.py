@@ -159,6 +159,15 @@ def test_int4_kernel_equals_dequantized_product_and_keeps_the_stored_form(bias):
     assert module.layout == "plain" and torch.equal(module.qweight, stored["qweight"])
 
 
+def test_codes_read_back_from_the_kernel_layout_across_chunks_of_inputs():
+    """Reading codes back multiplies by the identity 1024 inputs at a time: a layer wider than that."""
+    linear = nn.Linear(2560, 16, bias=False).to(torch.bfloat16)
+    codes, scales, zeros = quantize_groups(linear.weight.data.float(), 4, 128)
+    module = QuantizedLinear.from_codes(linear, codes, scales.to(torch.bfloat16), zeros, 4)
+    module(torch.randn(1, 2560, dtype=torch.bfloat16))
+    assert module.layout == "cpu" and torch.equal(module.codes(), codes)
+
+
 @pytest.mark.parametrize("dtype, out_features", [(torch.float32, 32), (torch.bfloat16, 24)])
 def test_layers_no_kernel_takes_use_the_dequantized_product(dtype, out_features):
     """float32 (slower in the CPU kernel than dequantized), and widths the CPU kernel does not take (16 | out)."""
