@@ -159,6 +159,28 @@ def test_int4_kernel_equals_dequantized_product_and_keeps_the_stored_form(bias):
     assert module.layout == "plain" and torch.equal(module.qweight, stored["qweight"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tinygemm, the CUDA int4 kernel, needs a GPU")
+def test_cuda_int4_kernel_equals_dequantized_product_and_replays_in_a_cuda_graph():
+    torch.manual_seed(0)
+    linear = nn.Linear(3584, 512, bias=True, device="cuda", dtype=torch.bfloat16)
+    codes, scales, zeros = quantize_groups(linear.weight.data.float(), 4, 128)
+    module = QuantizedLinear.from_codes(linear, codes, scales.to(torch.bfloat16), zeros, 4)
+    x = torch.randn(8, 3584, device="cuda", dtype=torch.bfloat16)
+    expected = nn.functional.linear(x.float(), dequantize_groups(codes, scales.to(torch.bfloat16), zeros),
+                                    linear.bias.float())
+    out = module(x)
+    assert module.layout == "cuda"
+    torch.testing.assert_close(out.float(), expected, atol=3e-2 * expected.abs().max().item(), rtol=3e-2)
+    assert torch.equal(module.codes(), codes) and torch.equal(module.state_dict()["qweight"], pack_codes(codes))
+    graph, static_x = torch.cuda.CUDAGraph(), x.clone()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static_out = module(static_x)
+    static_x.copy_(x * 2)
+    graph.replay()
+    assert torch.equal(static_out, module(x * 2))
+
+
 def test_codes_read_back_from_the_kernel_layout_across_chunks_of_inputs():
     """Reading codes back multiplies by the identity 1024 inputs at a time: a layer wider than that."""
     linear = nn.Linear(2560, 16, bias=False).to(torch.bfloat16)
