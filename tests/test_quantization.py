@@ -384,3 +384,10 @@ def test_cli_rejects_bad_quantization_before_loading(cli_env, capsys, no_model, 
     args = ["--model_args", f"pretrained={cli_env['model']},{model_args}", "--tasks", "docvqa_val", "--data_dir",
             cli_env["data"], "--device", "cpu", "--verbosity", "ERROR"] + (["--sweep", *sweep] if sweep else [])
     assert message in rejected(args, capsys, no_model)
+
+
+def test_a_sparsified_model_is_not_quantized(tiny_dirs):
+    model = vlmcompress.load(tiny_dirs["qwen2_vl"], sparsity="magnitude", sparsity_ratio=0.5)
+    with pytest.raises(ValueError, match="the model is sparsified"):
+        quantize(model, None, "rtn", 4, 32)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())

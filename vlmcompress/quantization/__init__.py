@@ -86,6 +86,9 @@ def quantize(
     targets = _normalize_targets(targets)
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError("the model is already quantized: quantize the original (unquantized) model")
+    if getattr(model, "sparsity_report", None) is not None:
+        raise ValueError("the model is sparsified, and GPTQ's and AWQ's updates would refill the pruned zeros: "
+                         "quantize the dense model (quantization and sparsity are not combined)")
     stacks = find_stacks(model, targets)
     for stack in stacks:
         for linears in stack.linears.values():
