@@ -63,8 +63,9 @@ def test_schema_matches_real_vqa_tasks():
         synthvqa.make_sample("test", 0, question_type="colour")
 
 
-def test_question_types_cover_all_kinds_with_valid_answers():
-    ds = synthvqa.build_split("test", 200)
+@pytest.mark.parametrize("split", ["test", "test_hard"])
+def test_question_types_cover_all_kinds_with_valid_answers(split):
+    ds = synthvqa.build_split(split, 200)
     types = ds["question_type"]
     assert {t: types.count(t) for t in synthvqa.QUESTION_TYPES} == {t: 40 for t in synthvqa.QUESTION_TYPES}
     colors, shapes, sizes = set(synthvqa.COLORS), set(synthvqa.SHAPES), set(synthvqa.SIZES)
@@ -91,6 +92,44 @@ def test_question_types_cover_all_kinds_with_valid_answers():
     # answers are varied, not a constant per type
     assert len(seen["count"]) == 5 and len(seen["relation"]) == 4 and len(seen["ocr"]) > 10
     assert len(seen["attribute"]) > 8 and len(seen["long_context"]) > 15
+
+
+ASKED = {"attribute": ("What shape is in row", "What color is the shape in row", "What size is the shape in row"),
+         "count": ("How many",), "relation": ("Where is the",), "ocr": synthvqa.OCR_QUESTIONS,
+         "long_context": ("Describe the shape in row",)}
+
+
+def test_hard_split_asks_the_same_questions_after_notes():
+    """test_hard: seeded and sliceable as the others, disjoint from them, the test schema and answers, every
+    question after a block of notes (long-context ones after twice the notes)."""
+    n = 100
+    hard = synthvqa.build_split("test_hard", n)
+    again = synthvqa.build_split("test_hard", 3, start=7)
+    assert again["question"] == hard["question"][7:10] and again["answers"] == hard["answers"][7:10]
+    assert [_png(x) for x in again["image"]] == [_png(x) for x in hard["image"][7:10]]
+    assert hard.features == synthvqa.features()
+    assert hard["question_type"] == [synthvqa.QUESTION_TYPES[i % 5] for i in range(n)]
+    others = {split: synthvqa.build_split(split, n) for split in ("train", "validation", "test")}
+    for split, ds in others.items():
+        assert not set(hard["question_id"]) & set(ds["question_id"]), split
+        assert not {_png(x) for x in hard["image"]} & {_png(x) for x in ds["image"]}, split
+    test = others["test"]
+    for row, plain in zip(hard, test):
+        question = row["question"]
+        assert question.startswith("Notes: ") and question.count("Ignore the notes.") == 1
+        asked = question.split("\nIgnore the notes. ")[-1]
+        (answer,) = row["answers"]
+        if row["question_type"] == "long_context":
+            # one notes block has 14-18 sentences; the hard split's long-context notes have two
+            assert question.count(". ") > 2 * 14 and asked.startswith("Describe the shape in row")
+            assert len(answer.split()) == 3
+        else:
+            assert question.count(". ") >= 14 and "Notes" not in plain["question"]
+        # after the notes, the question is worded as the test split words its type
+        assert row["question_type"] == plain["question_type"] and asked.startswith(ASKED[row["question_type"]])
+    assert min(len(q) for q in hard["question"]) > max(len(q) for q, t in zip(test["question"], test["question_type"])
+                                                      if t != "long_context")
+    assert set(synthvqa.build_dataset({"train": 2, "validation": 2, "test": 2})) == {"train", "validation", "test"}
 
 
 def test_scenes_show_their_answers():

@@ -62,8 +62,11 @@ DESCRIBE_QUESTION = "Describe every cell of the grid."
 # processors normalise with these, so the near-white background is near zero and the shapes stand out.
 IMAGE_MEAN = (0.90, 0.89, 0.89)
 IMAGE_STD = (0.17, 0.18, 0.21)
-SPLITS = {"train": 0, "validation": 1, "test": 2}
-SPLIT_SIZES = {"train": 20000, "validation": 600, "test": 1000}
+SPLITS = {"train": 0, "validation": 1, "test": 2, "test_hard": 3}
+SPLIT_SIZES = {"train": 20000, "validation": 600, "test": 1000, "test_hard": 1000}
+# Splits whose prompts are longer than training's: every question comes after a block of irrelevant
+# notes, and the long-context notes are twice as long (`_lengthen`). Not part of build_dataset's three.
+HARD_SPLITS = ("test_hard",)
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
@@ -216,6 +219,14 @@ def _notes(rng: random.Random) -> str:
     return "Notes: " + " ".join(lines)
 
 
+def _lengthen(question: str, rng: random.Random) -> str:
+    """The hard splits' question: a notes block before a short question, a second one in long-context notes."""
+    notes = _notes(rng)
+    if question.startswith("Notes: "):
+        return notes + " " + question[len("Notes: "):]
+    return f"{notes}\nIgnore the notes. {question}"
+
+
 def _attribute(rng):
     cells = list(range(GRID * GRID))
     rng.shuffle(cells)
@@ -318,6 +329,8 @@ def _draw(split: str, index: int, question_type: str | None):
         raise ValueError(f"unknown question type {qtype!r}; choose one of {TRAINING_TYPES}")
     rng = random.Random(f"synthvqa/{split}/{index}/{qtype}")
     scene, question, answer = _BUILDERS[qtype](rng)
+    if split in HARD_SPLITS:
+        question = _lengthen(question, rng)
     return qtype, scene, question, answer, render(scene, rng), rng
 
 
@@ -441,11 +454,12 @@ def build_split(split: str, n: int | None = None, start: int = 0):
 
 
 def build_dataset(sizes: dict | None = None):
-    """All three splits as a `datasets.DatasetDict`."""
+    """The train, validation and test splits as a `datasets.DatasetDict` (the hard splits are built on their own)."""
     import datasets
 
     sizes = {**SPLIT_SIZES, **(sizes or {})}
-    return datasets.DatasetDict({split: build_split(split, sizes[split]) for split in SPLITS})
+    return datasets.DatasetDict({split: build_split(split, sizes[split]) for split in SPLITS
+                                 if split not in HARD_SPLITS})
 
 
 def text_corpus(n_per_type: int = 400) -> list[str]:

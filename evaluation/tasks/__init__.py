@@ -156,14 +156,17 @@ register(Task(
 # No Hub copy: the split is drawn by `builder` (evaluation/tasks/synthetic.py writes it for --data_dir,
 # as the default run does) or read from any save_to_disk copy of `synthvqa.build_split("test")`.
 # The reference training uses prompts with and without lmms-eval's short-answer suffix.
-register(Task(
-    name="synthvqa", dataset="local:synthvqa", split="test", answer="answers", id_field="question_id",
-    meta_fields=("question_type",), target="list", scorer="synthvqa", primary="exact_match",
-    prompts={family: {"pre_prompt": "", "post_prompt": SHORT_ANSWER}
-             for family in ("default", "qwen2_vl", "llava_onevision")},
-    # the longest answers ("big red circle", "47") are 3 tokens; 8 leaves room for <|im_end|> and slack
-    max_new_tokens=8, until=(), builder="evaluation.reference.synthvqa:build_split",
-))
+# `synthvqa_hard` is its `test_hard` split: the same questions after a block of irrelevant notes (longer prompts).
+for _name, _split in (("synthvqa", "test"), ("synthvqa_hard", "test_hard")):
+    register(Task(
+        name=_name, dataset=f"local:{_name}", split=_split, answer="answers", id_field="question_id",
+        meta_fields=("question_type",), target="list", scorer="synthvqa", primary="exact_match",
+        prompts={family: {"pre_prompt": "", "post_prompt": SHORT_ANSWER}
+                 for family in ("default", "qwen2_vl", "llava_onevision")},
+        # the longest answers ("big red circle", "47") are 3 tokens; 8 leaves room for <|im_end|> and slack
+        max_new_tokens=8, until=(), builder="evaluation.reference.synthvqa:build_split",
+    ))
+del _name, _split
 
 
 def get_task(name: str) -> Task:

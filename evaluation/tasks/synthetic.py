@@ -124,7 +124,7 @@ def _rows(name: str, n: int, rng) -> tuple[list[dict], dict]:
 
 
 SYNTHETIC_TASKS = ("docvqa_val", "chartqa", "textvqa_val", "ocrbench", "ai2d", "mmmu_val", "mme", "gqa",
-                   "scienceqa_img", "realworldqa", "videomme", "synthvqa")
+                   "scienceqa_img", "realworldqa", "videomme", "synthvqa", "synthvqa_hard")
 
 
 def builder(task):
