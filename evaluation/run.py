@@ -154,8 +154,11 @@ def distributed() -> tuple[int, int, str | None]:
     return state.process_index, state.num_processes, str(state.device)
 
 
-def main(argv: list[str] | None = None, runner_factory=None) -> list[dict] | None:
-    """Parse, check every argument (before any model is loaded), evaluate, write and print the results."""
+def main(argv: list[str] | None = None, runner_factory=None, configs: list[dict] | None = None) -> list[dict] | None:
+    """Parse, check every argument (before any model is loaded), evaluate, write and print the results.
+
+    `configs` (compression dicts, `{}` the baseline) replaces what --model_args/--sweep describe, for a
+    grid no sweep spans (evaluation/reference_benchmark.py)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -178,7 +181,6 @@ def main(argv: list[str] | None = None, runner_factory=None) -> list[dict] | Non
         return None
     quiet_libraries(level)
 
-    configs = None
     if not argv:  # the embedded default
         from evaluation.default import prepare
 
