@@ -38,7 +38,7 @@ def configs(budgets) -> list[tuple[str, dict]]:
     rows = [("uncompressed", {})]
     rows += [(c["kv"], c) for c in grid("kv", KV_METHODS, list(budgets))]
     rows += [(label, dict(options, kv_budget=b)) for label, options in KV_VARIANTS for b in budgets]
-    rows += [(c["prune"], c) for c in grid("prune", dict.fromkeys(PRUNE_METHODS, {}), list(budgets))]
+    rows += [(c["prune"], c) for c in grid("prune", {method: {} for method in PRUNE_METHODS}, list(budgets))]
     return rows
 
 
