@@ -401,6 +401,20 @@ def test_static_decoding_is_the_default_on_cuda_only(tiny_dirs, processors):
         assert model.compression_stats["static_decoding"] is expected, cuda_graphs
 
 
+def test_beam_search_and_assisted_decoding_turn_the_default_off(tiny_dirs, processors, monkeypatch):
+    """Static buffers cannot reorder beams: where the default would decode statically, a beam search (or an
+    assistant) decodes eagerly, and generates as with `cuda_graphs=False`."""
+    inputs = image_inputs(processors["qwen2_vl"])
+    model = vlmcompress.load(tiny_dirs["qwen2_vl"], kv="snapkv", window_size=4)
+    monkeypatch.setattr(type(model), "_on_cuda", lambda self: True)  # as on a GPU
+    assert model.static_decoding({}) and model.static_decoding({"num_beams": 1})
+    assert not model.static_decoding({"num_beams": 2}) and not model.static_decoding({"assistant_model": model})
+    beams = model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False)
+    assert model.compression_stats["static_decoding"] is False
+    eager = vlmcompress.load(tiny_dirs["qwen2_vl"], kv="snapkv", window_size=4, cuda_graphs=False)
+    assert torch.equal(beams, eager.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the default decodes statically only on CUDA")
 def test_flash_attention_turns_the_default_off(tiny_dirs):
     model = vlmcompress.load(tiny_dirs["qwen2_vl"], kv="snapkv", device_map="cuda")

@@ -40,20 +40,30 @@ class CompressionMixin:
         # Same weights and checkpoint layout as the upstream class, so the upstream key conversions apply.
         return False
 
-    def static_decoding(self) -> bool:
-        """Whether `generate` decodes statically: as `cuda_graphs` says, and where it is None (the default)
-        when the language model is on CUDA with an attention that takes the static mask (not flash-attention)."""
+    def static_decoding(self, generation_kwargs: dict | None = None) -> bool:
+        """Whether a `generate` with `generation_kwargs` decodes statically: as `cuda_graphs` says, and where it is
+        None (the default) when the language model is on CUDA with an attention that takes the static mask (not
+        flash-attention) and the search keeps one row per sample (static buffers cannot reorder beams)."""
         if self.compression.cuda_graphs is not None:
             return self.compression.cuda_graphs
+        kwargs = generation_kwargs or {}
+        config = kwargs.get("generation_config") or self.generation_config
+        one_row_per_sample = (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) == 1 and \
+            kwargs.get("assistant_model") is None
         language_model = language_model_of(self)
         attention = str(getattr(language_model.config, "_attn_implementation", "") or "")
-        return next(language_model.parameters()).device.type == "cuda" and "flash" not in attention
+        return one_row_per_sample and self._on_cuda() and "flash" not in attention
 
-    def make_cache(self):
+    def _on_cuda(self) -> bool:
+        return next(language_model_of(self).parameters()).device.type == "cuda"
+
+    def make_cache(self, static_decoding: bool | None = None):
         """A fresh cache for one `generate` call: the configured eviction cache; without one, a plain
-        DynamicCache, or under static decoding a `FullCache` (every token kept, preallocated room)."""
+        DynamicCache, or under static decoding (`static_decoding()` if not given) a `FullCache` (every token
+        kept, preallocated room)."""
         if self.compression.kv is None:
-            return FullCache().attach(self) if self.static_decoding() else DynamicCache(config=self.config)
+            static = self.static_decoding() if static_decoding is None else static_decoding
+            return FullCache().attach(self) if static else DynamicCache(config=self.config)
         return self.compression.kv.make_cache().attach(self)
 
     def decoding_workspaces(self) -> WorkspacePool:
@@ -73,14 +83,15 @@ class CompressionMixin:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             reject_right_padding(mask.bool())
         cache = passed_cache(kwargs)
+        decode_statically = self.static_decoding(kwargs)
         if cache is None:
-            cache = kwargs[cache_argument(self)] = self.make_cache()
+            cache = kwargs[cache_argument(self)] = self.make_cache(decode_statically)
         elif isinstance(cache, CompressedCache):
             cache.attach(self)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         static, options = None, self.compression.decoding
         # a head-adaptive cache's heads hold different numbers of tokens: it decodes eagerly (RaggedLayer)
-        if isinstance(cache, CompressedCache) and not cache.heads.head_adaptive and self.static_decoding():
+        if isinstance(cache, CompressedCache) and not cache.heads.head_adaptive and decode_statically:
             # Compression point: decoding. The language model's decoding steps run at fixed shapes, from a CUDA graph.
             config = kwargs.get("generation_config") or self.generation_config
             room = kwargs.get("max_new_tokens") or config.max_new_tokens or ROOM
