@@ -16,7 +16,8 @@ Python, so it costs the same whatever the cache holds, and a smaller cache canno
 So a step is the same kernels on the same buffers every time. On CUDA the first step runs eagerly and
 is captured as a graph; each later step is a few small copies into its input buffers and one replay. On the
 CPU the same static step runs eagerly, which is what the tests compare with eager decoding. When the room runs out (more
-new tokens than `room`), the layers get more and the step is captured again.
+new tokens than `room`), the layers get more and the step is captured again. The static layers, input buffers
+and graph stay with the model for later `generate` calls whose compressed prompts fit them (`workspace`).
 
 Every eviction cache decodes statically (and `FullCache` for the uncompressed baseline); flash-attention
 cannot take the mask, SDPA and eager can.
@@ -40,8 +41,8 @@ from .step_kernels import StepKernels
 from .workspace import Workspace, WorkspacePool, batch_bucket, pad_batch, paddable, slot_bucket
 
 ROOM = 256  # decoding steps one static allocation serves when generate's max_new_tokens is unknown
-DEFERRED_DEVICES = ("cuda",)
-CACHE_FIELDS = ("past_key_values", "cache")  # the cache's field in a model output (renamed in transformers 5.2x)  # where transformers' DeferredStopCheck works: it records device events
+DEFERRED_DEVICES = ("cuda",)  # where transformers' DeferredStopCheck works: it records device events
+CACHE_FIELDS = ("past_key_values", "cache")  # the cache's field in a model output (renamed in transformers 5.2x)
 
 
 class StaticDecoding:
