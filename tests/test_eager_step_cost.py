@@ -13,7 +13,6 @@ import collections
 import traceback
 
 import pytest
-import torch
 from conftest import image_inputs, upstream_model
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -23,6 +23,8 @@ import os
 import torch
 
 from . import compilation
+from .decoding.options import active
+from .scoring import accumulated_attention
 
 BLOCK_QUERIES = 64
 BLOCK_KEYS = 64
@@ -123,8 +125,6 @@ def received_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float
 
 def takes(queries: torch.Tensor, keys: torch.Tensor, key_valid) -> bool:
     """Whether `received_attention` serves this call (module docstring)."""
-    from .decoding.options import active
-
     dim = queries.shape[-1]
     return (queries.is_cuda and active().fused_scoring and keys.dtype in (torch.float16, torch.bfloat16)
             and queries.dtype == keys.dtype and (key_valid is None or key_valid.dim() == 2)
@@ -135,8 +135,6 @@ def takes(queries: torch.Tensor, keys: torch.Tensor, key_valid) -> bool:
 def received_attention_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the kernels build on `device` and agree with the chunked computation there: probed once, with a
     warning if not (the calls then take the chunked one)."""
-    from .scoring import accumulated_attention
-
     generator = torch.Generator().manual_seed(0)
     queries = torch.randn(2, 4, 150, 64, generator=generator).to(device, dtype)
     keys = torch.randn(2, 2, 150, 64, generator=generator).to(device, dtype)

@@ -142,11 +142,11 @@ class StaticDecoding:
             self.workspace = Workspace.allocate(layers, self.room, self.batch, [slots_needed(x) for x in layers])
         else:
             batch = batch_bucket(self.batch) if paddable(tensors) else self.batch
-            key = pool.key(layers, self.room, batch, self.cache, tensors, constants)
+            sizes = [slot_bucket(slots_needed(layer)) for layer in layers]
+            key = pool.key(layers, sizes, self.room, batch, self.cache, tensors, constants)
             self.workspace = pool.take(key, layers)
             self.reused = self.workspace is not None and self.workspace.graph is not None
             if self.workspace is None:
-                sizes = [slot_bucket(slots_needed(layer)) for layer in layers]
                 self.workspace = Workspace.allocate(layers, self.room, batch, sizes)
                 pool.keep(key, self.workspace)
         self.cache.layers[:] = self.workspace.layers

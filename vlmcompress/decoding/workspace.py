@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .static_layer import StaticLayer, slots_needed
+from .static_layer import StaticLayer
 
 # Step inputs with a batch dimension, and where it is (Qwen2-VL's M-RoPE `position_ids` are [3, b, 1]).
 BATCHED_INPUTS = {"input_ids": 0, "inputs_embeds": 0, "position_ids": 0, "attention_mask": 0}
@@ -116,11 +116,13 @@ class WorkspacePool:
         self.size = size
         self.entries: OrderedDict[tuple, Workspace] = OrderedDict()
 
-    def key(self, layers, room: int, batch: int, cache, step_inputs: dict[str, torch.Tensor], constants: dict):
-        """What a workspace must match: sizes (padded), the room, the method, the step's input layout."""
+    def key(self, layers, slot_sizes: list[int], room: int, batch: int, cache, step_inputs: dict[str, torch.Tensor],
+            constants: dict):
+        """What a workspace must match: sizes (padded: `slot_sizes`, `batch`), the room, the method, the step's
+        input layout."""
         first = layers[0].keys
-        sizes = tuple((layer.capacity is not None, layer.scores is not None, slot_bucket(slots_needed(layer)))
-                      for layer in layers)
+        sizes = tuple((layer.capacity is not None, layer.scores is not None, slots)
+                      for layer, slots in zip(layers, slot_sizes))
         inputs = tuple(sorted((name, tensor.dtype, tuple(s for d, s in enumerate(tensor.shape)
                                                          if d != batch_dim(name, tensor)))
                               for name, tensor in step_inputs.items()))
