@@ -245,6 +245,8 @@ def test_awq_scale_search_equals_literal_reference():
 # ----- arguments ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, words", [
     ({"quant": "squeezellm"}, ["unknown weight quantization method 'squeezellm'", "awq", "gptq", "rtn"]),
+    ({"quant_bits": 3}, ["quant_bits=3 was given without quant=...", "['awq', 'gptq', 'rtn']"]),
+    ({"quant_group_size": 64}, ["quant_group_size=64 was given without quant=..."]),
     ({"quant": "gptq", "quant_bits": 8}, ["quant_bits=8", "[2, 3, 4]"]),
     ({"quant": "gptq", "quant_bits": "4"}, ["quant_bits='4'"]),
     ({"quant": "rtn", "quant_group_size": 100}, ["quant_group_size=100", "[32, 64, 128, 256]"]),
@@ -382,6 +384,7 @@ def cli_env(tmp_path_factory, tiny_dirs):
     ("quant_group_size=32", ["quant=rtn,gptq", "quant_bits=4,8"], "quant_bits=8 is not supported"),
     ("quant=rtn", [], "quant_group_size=128 does not divide"),
     ("quant=rtn,sparsity=wanda", [], "is not supported (GPTQ and AWQ rewrite the pruned zeros)"),
+    ("quant_bits=3", [], "--model_args: quant_bits=3 was given without quant=..."),
 ])
 def test_cli_rejects_bad_quantization_before_loading(cli_env, capsys, no_model, model_args, sweep, message):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -193,6 +193,17 @@ def test_bad_options_fail_in_load_before_any_weight_is_read(tmp_path, monkeypatc
         assert word in str(error.value)
 
 
+@pytest.mark.parametrize("options", [{"sparsity_ratio": 0.3}, {"sparsity_pattern": "2:4"}])
+def test_sparsity_options_without_a_method_are_refused(tmp_path, options):
+    """A ratio or pattern alone would load a dense model: refused, naming the methods."""
+    import vlmcompress
+    from vlmcompress.testing import save_tiny_model
+
+    path = save_tiny_model("qwen2_vl", tmp_path / "qwen2_vl")
+    with pytest.raises(ValueError, match="given without sparsity=...: choose one of .*'wanda'"):
+        vlmcompress.load(str(path), **options)
+
+
 def test_valid_arguments():
     assert validate_sparsity_args("Wanda", 0.5, "2:4") == ("wanda", 0.5, (2, 4))
     assert validate_sparsity_args("sparsegpt", 0.5, "4:8") == ("sparsegpt", 0.5, (4, 8))

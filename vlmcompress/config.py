@@ -115,14 +115,14 @@ def build_settings(
     prune: str | None = None,
     prune_budget: float | int | None = None,
     sparsity: str | None = None,
-    sparsity_ratio: float = 0.5,
-    sparsity_pattern: str = "unstructured",
+    sparsity_ratio: float | None = None,
+    sparsity_pattern: str | None = None,
     calibration: Any = None,
     cuda_graphs: bool | None = None,
     decoding: DecodingOptions | None = None,
     quant: str | None = None,
-    quant_bits: int = 4,
-    quant_group_size: int = 128,
+    quant_bits: int | None = None,
+    quant_group_size: int | None = None,
     **method_options,
 ) -> CompressionSettings:
     """Validate `load()`'s compression arguments and route each option to the family that takes it."""
@@ -134,6 +134,14 @@ def build_settings(
         raise ValueError(f"kv_budget={kv_budget!r} was given without kv=...: choose one of {sorted(KV_METHODS)}")
     if quant is not None and isinstance(quant, str) and quant.strip().lower() in ("none", ""):
         quant = None
+    given_without = [(option, value, method) for option, value, method in (
+        ("sparsity_ratio", sparsity_ratio, sparsity), ("sparsity_pattern", sparsity_pattern, sparsity),
+        ("quant_bits", quant_bits, quant), ("quant_group_size", quant_group_size, quant)) if value is not None]
+    for option, value, method in given_without:
+        if method is None:
+            family = option.split("_")[0]
+            raise ValueError(f"{option}={value!r} was given without {family}=...: choose one of "
+                             f"{sorted(_registries().get(family, {}))}")
     if quant is not None and sparsity is not None:
         raise ValueError(f"quant={quant!r} with sparsity={sparsity!r} is not supported (GPTQ and AWQ rewrite the "
                          "pruned zeros): choose one of quant=... or sparsity=...")
@@ -189,13 +197,17 @@ def build_settings(
     if sparsity is not None:
         from .sparsity import validate_sparsity_args
 
+        sparsity_ratio = 0.5 if sparsity_ratio is None else sparsity_ratio
+        sparsity_pattern = "unstructured" if sparsity_pattern is None else sparsity_pattern
         validate_sparsity_args(sparsity, sparsity_ratio, sparsity_pattern, **routed["sparsity"])
         sparsity_settings = SparsitySettings(sparsity, sparsity_ratio, sparsity_pattern, calibration, routed["sparsity"])
     quant_settings = None
     if quant is not None:
         from .quantization import validate_quant_args
 
-        method, bits, group_size, _ = validate_quant_args(quant, quant_bits, quant_group_size, **routed["quant"])
+        method, bits, group_size, _ = validate_quant_args(quant, 4 if quant_bits is None else quant_bits,
+                                                          128 if quant_group_size is None else quant_group_size,
+                                                          **routed["quant"])
         quant_settings = QuantSettings(method, bits, group_size, calibration, routed["quant"])
     return CompressionSettings(kv_settings, prune_settings, sparsity_settings, cuda_graphs,
                                decoding or DecodingOptions(), quant_settings)

@@ -35,8 +35,8 @@ def load(
     prune: str | None = None,
     prune_budget: float | int | None = None,
     sparsity: str | None = None,
-    sparsity_ratio: float = 0.5,
-    sparsity_pattern: str = "unstructured",
+    sparsity_ratio: float | None = None,
+    sparsity_pattern: str | None = None,
     calibration=None,
     dtype="auto",
     device_map=None,
@@ -44,8 +44,8 @@ def load(
     cuda_graphs: bool | None = None,
     decoding: DecodingOptions | None = None,
     quant: str | None = None,
-    quant_bits: int = 4,
-    quant_group_size: int = 128,
+    quant_bits: int | None = None,
+    quant_group_size: int | None = None,
     **method_options,
 ):
     """Load a supported LVLM with the chosen compression applied.
@@ -58,7 +58,8 @@ def load(
             tokens kept per layer. Default 0.1 when `kv` is set.
         prune / prune_budget: visual-token pruning method and share (or count) of visual tokens kept.
         sparsity / sparsity_ratio / sparsity_pattern / calibration: weight sparsity method, the share
-            of weights zeroed, "unstructured" or "N:M", and the calibration samples (None: the default set).
+            of weights zeroed (default 0.5), "unstructured" (default) or "N:M", and the calibration samples
+            (None: the default set).
         dtype, device_map, attn_implementation: passed to `from_pretrained` (an explicit value is used as
             given); attention defaults to flash-attention-2 where installed (with a GPU) and SDPA otherwise,
             the language model's `vlmcompress_sdpa` (`vlmcompress.decoding.grouped_sdpa`).
@@ -73,7 +74,8 @@ def load(
         decoding: `DecodingOptions`, the fast paths' switches (compilation, split-KV attention, fused products,
             the deferred stop check), all on by default.
         quant / quant_bits / quant_group_size: weight quantization of the target Linear layers (`rtn`, `gptq`,
-            `awq`; `vlmcompress.quantization`), 2-4 bits, 32-256 input columns per scale, calibrated on
+            `awq`; `vlmcompress.quantization`), 2-4 bits (default 4), 32-256 input columns per scale (default
+            128), calibrated on
             `calibration`. A folder saved from a quantized model loads quantized without these.
         **method_options: options of the chosen methods (e.g. window_size=32, kernel_size=5,
             sink_tokens=4; head_adaptive=True for AdaKV's split of each layer's budget over its KV heads,
