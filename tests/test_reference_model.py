@@ -132,6 +132,25 @@ def test_hard_split_asks_the_same_questions_after_notes():
     assert set(synthvqa.build_dataset({"train": 2, "validation": 2, "test": 2})) == {"train", "validation", "test"}
 
 
+def test_training_questions_come_after_notes_at_the_asked_share():
+    """`notes_share` asks that share of the training questions as the hard splits do (the answer and the
+    follow-up turns unchanged); validation_hard holds hard-form questions of its own."""
+    plain = [synthvqa.make_training_sample(i, follow_ups=2) for i in range(200)]
+    mixed = [synthvqa.make_training_sample(i, follow_ups=2, notes_share=0.5) for i in range(200)]
+    lengthened = 0
+    for a, b in zip(plain, mixed):
+        assert a["answers"] == b["answers"] and a["turns"][1:] == b["turns"][1:] and b["turns"][0][0] == b["question"]
+        if b["question"] != a["question"]:
+            lengthened += 1
+            assert b["question"].startswith("Notes: ") and b["question"].count(". ") >= 14
+            if a["question_type"] != "long_context":
+                assert b["question"].endswith("\nIgnore the notes. " + a["question"])
+    assert 70 <= lengthened <= 130
+    val_hard = synthvqa.build_split("validation_hard", 20)
+    assert all(q.startswith("Notes: ") for q in val_hard["question"])
+    assert not set(val_hard["question"]) & set(synthvqa.build_split("test_hard", 20)["question"])
+
+
 def test_scenes_show_their_answers():
     """A colour asked about is drawn: the image holds pixels of exactly that RGB value."""
     n = 0
@@ -323,11 +342,12 @@ def test_training_script_smoke_run_gives_a_loadable_checkpoint(tmp_path):
     # a second leg continues from the first one's output (weights, tokenizer, processor)
     again = tmp_path / "ref2"
     cmd = [sys.executable, str(ROOT / "evaluation" / "reference" / "train.py"), "--smoke", "--out", str(again),
-           "--arch", "qwen2_vl", "--init-from", str(out), "--max-steps", "1", "--grow-layers", "2"]
+           "--arch", "qwen2_vl", "--init-from", str(out), "--max-steps", "1", "--grow-layers", "2", "--notes-share", "0.5"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((again / "qwen2_vl" / "metrics.json").read_text())
     assert metrics["init_from"] == str(out / "qwen2_vl") and metrics["steps"] == 1
+    assert metrics["notes_share"] == 0.5 and set(metrics["test_hard"]["per_type"]) == set(synthvqa.QUESTION_TYPES)
     assert "initialised from" in (again / "qwen2_vl" / "train.log").read_text()
     config = json.loads((again / "qwen2_vl" / "config.json").read_text())
     assert config["text_config"]["num_hidden_layers"] == models.TEXT["num_hidden_layers"] + 2

@@ -62,11 +62,11 @@ DESCRIBE_QUESTION = "Describe every cell of the grid."
 # processors normalise with these, so the near-white background is near zero and the shapes stand out.
 IMAGE_MEAN = (0.90, 0.89, 0.89)
 IMAGE_STD = (0.17, 0.18, 0.21)
-SPLITS = {"train": 0, "validation": 1, "test": 2, "test_hard": 3}
-SPLIT_SIZES = {"train": 20000, "validation": 600, "test": 1000, "test_hard": 1000}
-# Splits whose prompts are longer than training's: every question comes after a block of irrelevant
+SPLITS = {"train": 0, "validation": 1, "test": 2, "test_hard": 3, "validation_hard": 4}
+SPLIT_SIZES = {"train": 20000, "validation": 600, "test": 1000, "test_hard": 1000, "validation_hard": 600}
+# Splits whose prompts are longer than the regular ones: every question comes after a block of irrelevant
 # notes, and the long-context notes are twice as long (`_lengthen`). Not part of build_dataset's three.
-HARD_SPLITS = ("test_hard",)
+HARD_SPLITS = ("test_hard", "validation_hard")
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
@@ -418,15 +418,18 @@ def scene_questions(scene: dict, rng: random.Random, k: int, weights: dict | Non
 
 
 def make_training_sample(index: int, question_type: str | None = None, follow_ups: int = 0,
-                         follow_up_weights: dict | None = None) -> dict:
+                         follow_up_weights: dict | None = None, notes_share: float = 0.0) -> dict:
     """Training sample `index`: make_sample's keys plus "turns", the (question, answer) conversation.
 
     The first turn is the benchmark question; `follow_ups` more are drawn by `scene_questions`
-    (with `follow_up_weights`).
+    (with `follow_up_weights`). With probability `notes_share` the first question comes after a block
+    of irrelevant notes, as the hard splits ask it (`_lengthen`).
     """
     qtype, scene, question, answer, image, rng = _draw("train", index, question_type)
     more = scene_questions(scene, rng, follow_ups + 1, follow_up_weights)
     more = [t for t in more if t[0] != question][:follow_ups]
+    if notes_share and rng.random() < notes_share:
+        question = _lengthen(question, rng)
     turns = [(question, answer)] + more
     return {"question_id": f"train-{index:06d}", "image": image, "question": question, "answers": [answer],
             "question_type": qtype, "turns": turns}

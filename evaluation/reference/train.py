@@ -54,9 +54,9 @@ class TrainStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, batcher: Batcher, batch_size: int, seed: int = 0, tensors: bool = True, follow_ups: int = 0,
-                 follow_up_weights: dict | None = None):
+                 follow_up_weights: dict | None = None, notes_share: float = 0.0):
         self.batcher, self.batch_size, self.seed, self.tensors = batcher, batch_size, seed, tensors
-        self.follow_ups, self.follow_up_weights = follow_ups, follow_up_weights
+        self.follow_ups, self.follow_up_weights, self.notes_share = follow_ups, follow_up_weights, notes_share
         self.weights = torch.ones(len(synthvqa.TRAINING_TYPES)).share_memory_()
 
     def batch(self, b: int) -> dict:
@@ -64,7 +64,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         weights = self.weights.tolist()
         start = self.seed * 100_000_000 + b * self.batch_size
         samples = [synthvqa.make_training_sample(i, rng.choices(synthvqa.TRAINING_TYPES, weights)[0], self.follow_ups,
-                                                 self.follow_up_weights)
+                                                 self.follow_up_weights, self.notes_share)
                    for i in range(start, start + self.batch_size)]
         out = self.batcher.cpu_batch(samples, rng)
         return {k: torch.from_numpy(v) for k, v in out.items()} if self.tensors else out
@@ -211,13 +211,18 @@ def train_one(arch: str, args) -> dict:
     tensors = not args.pipes and shm >= args.batch_size * 0.25 * 2**20 * 4 * max(1, args.workers) * 2 * 2
     log(f"batches: {'fast (uint8 images, pixel_values made on the device)' if batcher.fast else 'processor'}, "
         f"sent through {'shared memory' if tensors else 'pipes'} (/dev/shm free: {shm / 2**30:.1f} GiB)")
-    stream = TrainStream(batcher, args.batch_size, args.seed, tensors, args.follow_ups, args.follow_up_weights)
+    stream = TrainStream(batcher, args.batch_size, args.seed, tensors, args.follow_ups, args.follow_up_weights,
+                         args.notes_share)
     stream.weights.copy_(torch.tensor([0.8, 1.4, 1.0, 1.0, 0.8, 2 * DESCRIBE_WEIGHT]))  # descriptions first
     log(f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, device {device}, "
         f"params {n_params / 1e6:.2f} M, vocab {len(tokenizer)}")
 
     val = split_rows("validation", args.val_n)
     test = split_rows("test", args.test_n)
+    test_hard = split_rows("test_hard", args.test_n) if args.notes_share else None
+    if args.notes_share:  # interleaved, so that the periodic validation's first rows hold both forms
+        hard = split_rows("validation_hard", args.val_n)
+        val = Rows(row for pair in zip(val, hard) for row in pair)
     log(f"validation {len(val)} and test {len(test)} samples built in {time.time() - t0:.1f} s")
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -284,6 +289,9 @@ def train_one(arch: str, args) -> dict:
     t = time.time()
     test_acc, test_preds = evaluate(model, processor, test, device=device)
     log(f"final test ({len(test)}) {_fmt(test_acc)} [{time.time() - t:.1f} s]")
+    test_hard_acc = evaluate(model, processor, test_hard, device=device)[0] if test_hard else None
+    if test_hard_acc:
+        log(f"final test_hard ({len(test_hard)}) {_fmt(test_hard_acc)}")
 
     model.to("cpu")
     model.save_pretrained(out)
@@ -291,7 +299,7 @@ def train_one(arch: str, args) -> dict:
     metrics = {
         "arch": arch, "params": n_params, "steps": step, "samples": seen, "train_seconds": round(train_time, 1),
         "batch_size": args.batch_size, "lr": args.lr, "follow_ups": args.follow_ups,
-        "follow_up_weights": args.follow_up_weights, "skipped_updates": skipped,
+        "follow_up_weights": args.follow_up_weights, "notes_share": args.notes_share, "skipped_updates": skipped,
         "init_from": str(start_from) if start_from else None,
         "fast_forward": forward is not model, "bf16": cuda and args.bf16,
         "device": str(device),
@@ -299,7 +307,7 @@ def train_one(arch: str, args) -> dict:
         "transformers": __import__("transformers").__version__, "torch": torch.__version__,
         "python": platform.python_version(),
         "visual_tokens": visual_tokens(model, processor),
-        "validation": val_acc, "test": test_acc, "history": history,
+        "validation": val_acc, "test": test_acc, "test_hard": test_hard_acc, "history": history,
         "test_examples": [{"question_id": q, "prediction": p, "answers": a}
                           for q, p, a in list(zip(test["question_id"], test_preds, test["answers"]))[:20]],
     }
@@ -411,6 +419,9 @@ def parse_args(argv=None):
     p.add_argument("--follow-up-weights", type=follow_up_weights, default=None, metavar="KIND=W,...",
                    help="draw the follow-ups' kinds unevenly, e.g. relation=3,row_of=1; unnamed kinds weigh 1 "
                         f"({','.join(synthvqa.FOLLOW_UP_KINDS)}) or 0 ({','.join(synthvqa.EXTRA_FOLLOW_UP_KINDS)})")
+    p.add_argument("--notes-share", type=float, default=0.0, metavar="P",
+                   help="ask this share of the training questions after a block of irrelevant notes, as the hard "
+                        "splits do; then validation mixes validation_hard in and the hard test split is scored too")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per architecture")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
     p.add_argument("--val-n", type=int, default=synthvqa.SPLIT_SIZES["validation"])
@@ -445,6 +456,8 @@ def parse_args(argv=None):
         args.workers = 0 if args.workers is None else args.workers
         args.minutes = 1e9
         args.threads = min(args.threads, 2)
+    if not 0.0 <= args.notes_share <= 1.0:
+        p.error(f"--notes-share is a probability: give a value in [0, 1], not {args.notes_share}")
     if args.grow_layers and not args.init_from:
         p.error("--grow-layers adds layers to a trained checkpoint: give --init-from too")
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
@@ -481,7 +494,7 @@ def main(argv=None) -> dict:
         for arch in args.archs:
             results[arch] = train_one(arch, args)
     if not args.child:
-        summary = {arch: {k: r.get(k) for k in ("test", "validation", "steps", "samples", "train_seconds", "params",
+        summary = {arch: {k: r.get(k) for k in ("test", "test_hard", "validation", "steps", "samples", "train_seconds", "params",
                                               "visual_tokens", "vlmcompress_load", "error")}
                    for arch, r in results.items()}
         summary["wall_seconds"] = round(time.time() - t0, 1)
