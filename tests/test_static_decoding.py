@@ -5,6 +5,7 @@ run eagerly."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
@@ -357,6 +358,21 @@ def test_a_prompt_of_another_size_gets_new_buffers_and_few_are_kept(tiny_dirs, p
             for workspace in workspaces_of(model)] == [7, 5]
 
 
+def test_other_decoding_options_get_their_own_buffers(tiny_dirs, processors):
+    """A step is built with the model's decoding options (fused products, compiled kernels): a generate under
+    other options gets its own workspace, and the first one's is taken again when they come back."""
+    model = load(tiny_dirs["qwen2_vl"], "snapkv", cuda_graphs=True)
+    inputs = image_inputs(processors["qwen2_vl"], QUESTIONS)
+    first = greedy(model, inputs)
+    (kept,) = workspaces_of(model)
+    model.compression = dataclasses.replace(model.compression, decoding=vlmcompress.DecodingOptions(fuse_products=False))
+    assert_same_decoding(greedy(model, inputs), first)
+    assert len(workspaces_of(model)) == 2 and workspaces_of(model)[0] is kept
+    model.compression = dataclasses.replace(model.compression, decoding=vlmcompress.DecodingOptions())
+    greedy(model, inputs)
+    assert len(workspaces_of(model)) == 2 and workspaces_of(model)[-1] is kept  # used last
+
+
 def test_kept_buffers_go_with_the_model_or_on_request(tiny_dirs, processors):
     model = load(tiny_dirs["qwen2_vl"], "snapkv", cuda_graphs=True)
     inputs = image_inputs(processors["qwen2_vl"], QUESTIONS)
@@ -381,7 +397,7 @@ def test_a_kept_graph_replays_for_later_prompts(tiny_dirs, processors, monkeypat
     and decode to eager decoding's tokens."""
     arch = "qwen2_vl"
     budget = 16 if method in ("h2o", "streamingllm") else 0.3
-    eager_model = load(tiny_dirs[arch], method, budget, device_map="cuda")
+    eager_model = load(tiny_dirs[arch], method, budget, cuda_graphs=False, device_map="cuda")
     static_model = load(tiny_dirs[arch], method, budget, cuda_graphs=True, device_map="cuda")
     runners = []
     original_install = StaticDecoding.install

@@ -67,6 +67,8 @@ class StaticDecoding:
         if compile_kernels is None:  # compiled where the steps replay from a graph
             compile_kernels = self.use_graphs and options.compile and compile_by_default(device)
         self.step_kernels = StepKernels(language_model, compile=compile_kernels, fuse_products=options.fuse_products)
+        # what a captured step depends on besides the shapes: a kept graph serves only the same switches
+        self.paths = (options, compile_kernels)
         self.workspaces = workspaces
         self.workspace: Workspace | None = None
         self.batch = 0  # the real batch; the workspace's may be padded
@@ -143,7 +145,7 @@ class StaticDecoding:
         else:
             batch = batch_bucket(self.batch) if paddable(tensors) else self.batch
             sizes = [slot_bucket(slots_needed(layer)) for layer in layers]
-            key = pool.key(layers, sizes, self.room, batch, self.cache, tensors, constants)
+            key = pool.key(layers, sizes, self.room, batch, self.cache, tensors, constants, self.paths)
             self.workspace = pool.take(key, layers)
             self.reused = self.workspace is not None and self.workspace.graph is not None
             if self.workspace is None:

@@ -117,9 +117,9 @@ class WorkspacePool:
         self.entries: OrderedDict[tuple, Workspace] = OrderedDict()
 
     def key(self, layers, slot_sizes: list[int], room: int, batch: int, cache, step_inputs: dict[str, torch.Tensor],
-            constants: dict):
+            constants: dict, paths: tuple = ()):
         """What a workspace must match: sizes (padded: `slot_sizes`, `batch`), the room, the method, the step's
-        input layout."""
+        input layout, and `paths` (the decoding options the step was built with)."""
         first = layers[0].keys
         sizes = tuple((layer.capacity is not None, layer.scores is not None, slots)
                       for layer, slots in zip(layers, slot_sizes))
@@ -129,7 +129,7 @@ class WorkspacePool:
         settings = tuple(sorted((name, repr(value)) for name, value in constants.items()
                                 if value is None or isinstance(value, (bool, int, float, str))))
         return (first.device, first.dtype, first.shape[1], first.shape[3], batch, sizes, room, type(cache),
-                cache.policy, inputs, settings)
+                cache.policy, inputs, settings, paths)
 
     def take(self, key, layers) -> Workspace | None:
         """The workspace kept for `key` with `layers` loaded into it, or None."""
