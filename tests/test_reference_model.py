@@ -342,7 +342,8 @@ def test_training_script_smoke_run_gives_a_loadable_checkpoint(tmp_path):
     # a second leg continues from the first one's output (weights, tokenizer, processor)
     again = tmp_path / "ref2"
     cmd = [sys.executable, str(ROOT / "evaluation" / "reference" / "train.py"), "--smoke", "--out", str(again),
-           "--arch", "qwen2_vl", "--init-from", str(out), "--max-steps", "1", "--grow-layers", "2", "--notes-share", "0.5"]
+           "--arch", "qwen2_vl", "--init-from", str(out), "--max-steps", "1", "--grow-layers", "2",
+           "--notes-share", "0.5"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((again / "qwen2_vl" / "metrics.json").read_text())

@@ -365,7 +365,8 @@ def test_other_decoding_options_get_their_own_buffers(tiny_dirs, processors):
     inputs = image_inputs(processors["qwen2_vl"], QUESTIONS)
     first = greedy(model, inputs)
     (kept,) = workspaces_of(model)
-    model.compression = dataclasses.replace(model.compression, decoding=vlmcompress.DecodingOptions(fuse_products=False))
+    unfused = vlmcompress.DecodingOptions(fuse_products=False)
+    model.compression = dataclasses.replace(model.compression, decoding=unfused)
     assert_same_decoding(greedy(model, inputs), first)
     assert len(workspaces_of(model)) == 2 and workspaces_of(model)[0] is kept
     model.compression = dataclasses.replace(model.compression, decoding=vlmcompress.DecodingOptions())

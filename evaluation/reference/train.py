@@ -494,8 +494,8 @@ def main(argv=None) -> dict:
         for arch in args.archs:
             results[arch] = train_one(arch, args)
     if not args.child:
-        summary = {arch: {k: r.get(k) for k in ("test", "test_hard", "validation", "steps", "samples", "train_seconds", "params",
-                                              "visual_tokens", "vlmcompress_load", "error")}
+        summary = {arch: {k: r.get(k) for k in ("test", "test_hard", "validation", "steps", "samples", "train_seconds",
+                                              "params", "visual_tokens", "vlmcompress_load", "error")}
                    for arch, r in results.items()}
         summary["wall_seconds"] = round(time.time() - t0, 1)
         (out / "metrics.json").write_text(json.dumps(summary, indent=1))
