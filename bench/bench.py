@@ -60,6 +60,17 @@ def announce_cuda_run(script: str, argv) -> tuple[str, dict]:
     return command, machine
 
 
+def announce_run(script: str, argv, toy: str | None) -> tuple[torch.device, str, dict]:
+    """The device, reproducing command and machine of a bench script that takes `--toy DIR`: on the CPU at toy
+    size (a smoke test of the script; its timings mean nothing), else `announce_cuda_run`'s."""
+    if not toy:
+        return torch.device("cuda"), *announce_cuda_run(script, argv)
+    command = f"python bench/{script} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    machine = {"device": platform.processor() or "cpu", "torch": torch.__version__,
+               "transformers": transformers.__version__, "python": platform.python_version()}
+    return torch.device("cpu"), command, machine
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

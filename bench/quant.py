@@ -24,18 +24,15 @@ import argparse
 import functools
 import gc
 import json
-import platform
-import shlex
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-import transformers
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from bench import announce_cuda_run, build_model, synchronize, timed  # noqa: E402
+from bench import announce_run, build_model, synchronize, timed  # noqa: E402
 from real_models import make_inputs  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 from vlmcompress.quantization import QuantizedLinear, quantize  # noqa: E402
@@ -89,14 +86,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--toy", default=None, help="a tiny checkpoint folder: run on the CPU at toy size")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
-    if args.toy:
-        device = torch.device("cpu")
-        command = "python bench/quant.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        machine = {"device": platform.processor() or "cpu", "torch": torch.__version__,
-                   "transformers": transformers.__version__, "python": platform.python_version()}
-    else:
-        device = torch.device("cuda")
-        command, machine = announce_cuda_run("quant.py", argv)
+    device, command, machine = announce_run("quant.py", argv, args.toy)
     rows = []
     for weights in ("bf16", f"w{args.bits}-rtn-g{args.group_size}"):
         model, processor = build_model(args.model, device, args.toy)

@@ -14,7 +14,8 @@ then `--prompts` different prompts are timed, each on its own, medians reported:
   ttft_s         one `generate` of one token
   decode_tok_s   batch x (new tokens - 1) / (generate_s - ttft_s)
   answers_per_s  batch / generate_s
-and, per batch size, each path's `generate_s` against both transformers paths. CUDA only.
+and, per batch size, each path's `generate_s` against both transformers paths. CUDA only; `--toy DIR` runs the
+same code on a tiny CPU checkpoint with small images (a smoke test of the script; timings mean nothing).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import transformers
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from bench import announce_cuda_run, build_model, parse_method, timed  # noqa: E402
+from bench import announce_run, build_model, parse_method, timed  # noqa: E402
 from real_models import make_inputs  # noqa: E402
 from vlmcompress.architectures import ARCHITECTURES  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
@@ -73,15 +74,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--prompts", type=int, default=5, help="different prompts timed per batch size and path")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--budget", type=float, default=0.1, help="KV budget of the vlmcompress paths")
+    parser.add_argument("--toy", default=None, help="a tiny checkpoint folder: run on the CPU at toy size")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
-    command, machine = announce_cuda_run("workload.py", argv)
-    device = torch.device("cuda")
-    model, processor = build_model(args.model, device, None)
+    device, command, machine = announce_run("workload.py", argv, args.toy)
+    model, processor = build_model(args.model, device, args.toy)
     upstream = upstream_copy(model)
     rows = []
     for batch in map(int, args.batches.split(",")):
-        prompts = [make_inputs(processor, "hires", batch, first_image=k * batch).to(device)
+        side = {"hires": 64} if args.toy else {}
+        prompts = [make_inputs(processor, "hires", batch, first_image=k * batch, **side).to(device)
                    for k in range(args.prompts + 1)]
         for path in args.paths.split(","):
             generate = generator(path, model, upstream, args.budget)

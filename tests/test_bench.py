@@ -111,6 +111,24 @@ def test_cuda_timers_need_a_gpu_and_say_so(script):
         module.main([])
 
 
+def test_workload_benchmark_runs_at_toy_size(tiny_dirs, tmp_path):
+    """Every kind of path (transformers' two, an uncompressed and compressed vlmcompress model, pruning) through
+    the whole script on the CPU; the ratios are computed against the rows of the same batch."""
+    import workload
+
+    out = tmp_path / "workload.json"
+    paths = ["transformers", "transformers-static", "none", "snapkv", "lookm", "visionzip"]
+    rows = workload.main(["--toy", tiny_dirs["qwen2_vl"], "--model", "toy", "--batches", "1,2", "--prompts", "2",
+                          "--new-tokens", "3", "--budget", "0.5", "--paths", ",".join(paths), "--out", str(out)])
+    assert [(r["batch"], r["path"]) for r in rows] == [(b, p) for b in (1, 2) for p in paths]
+    for row in rows:
+        assert len(row["generate_s_each"]) == 2 and row["ttft_s"] > 0 and row["decode_tok_s"] > 0
+        eager = next(r for r in rows if r["batch"] == row["batch"] and r["path"] == "transformers")
+        assert row["speedup_vs_transformers"] == eager["generate_s"] / row["generate_s"]
+    saved = json.loads(out.read_text())
+    assert saved["command"].startswith("python bench/workload.py --toy") and saved["rows"] == rows
+
+
 def test_quantization_benchmark_runs_at_toy_size(tiny_dirs, tmp_path):
     import quant
 
