@@ -15,7 +15,10 @@ and the decode roofline: (LLM weight bytes + mean KV bytes read per step) / HBM 
 the bandwidth measured in the same run with a large device-to-device copy.
 `--decode eager,graphs` measures each row both with transformers' eager decoding and with static
 decoding from a CUDA graph (`load(..., cuda_graphs=True)`; `none` then keeps every token in a `FullCache`).
-`--toy` runs the same code on the tiny CPU checkpoints of `vlmcompress.testing`.
+`--option key=value` passes a method option to every method that takes it, typed as `--model_args` values are
+(`--option merge=pivotal`, `--option head_adaptive=true`: the model is then built with the attention that
+decodes per-head lengths, as `load` picks it). `--toy` runs the same code on the tiny CPU checkpoints of
+`vlmcompress.testing`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from vlmcompress.compilation import compile_by_default  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 from vlmcompress.loading import default_attn_implementation  # noqa: E402
 from vlmcompress.models import MODEL_CLASSES  # noqa: E402
+from evaluation.runner import parse_value  # noqa: E402
 from real_models import make_inputs  # noqa: E402
 
 
@@ -239,13 +243,18 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
 
     device = torch.device("cpu" if args.toy or not torch.cuda.is_available() else "cuda")
-    options = {k: (int(v) if v.isdigit() else v) for k, v in (o.split("=", 1) for o in args.option)}
+    if any("=" not in option for option in args.option):
+        parser.error(f"--option takes key=value, got {args.option}")
+    # typed as the evaluation CLI types --model_args: 32 -> int, 0.5 -> float, true -> True
+    options = {k.strip(): parse_value(v) for k, v in (o.split("=", 1) for o in args.option)}
+    # head-adaptive caches decode through the attention load() picks for them; it is chosen when the model is built
+    attn = args.attn or default_attn_implementation(head_adaptive=options.get("head_adaptive") is True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "vlmcompress": vlmcompress.__version__,
-        "python": platform.python_version(), "attn_implementation": args.attn or default_attn_implementation(),
+        "python": platform.python_version(), "attn_implementation": attn,
         "compiled_kernels": compile_by_default(device),
         "split_kv_attention": device.type == "cuda" and split_kv.split_kv_works(device, torch.bfloat16),
     }
@@ -255,7 +264,7 @@ def main(argv=None) -> list[dict]:
     print(f"# {command}\n# {json.dumps(machine)}", flush=True)
     rows = []
     for name in args.models.split(","):
-        model, processor = build_model(name, device, args.toy, args.attn)
+        model, processor = build_model(name, device, args.toy, attn)
         for kind in args.inputs.split(","):
             for batch in map(int, args.batch.split(",")):
                 inputs = make_inputs(processor, kind, batch, args.hires if not args.toy else 64).to(device)

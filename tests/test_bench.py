@@ -31,6 +31,17 @@ def test_benchmark_script_runs_at_toy_size(tiny_dirs, tmp_path):
     assert len(saved["rows"]) == 4
 
 
+def test_benchmark_options_are_typed_as_the_evaluation_cli_types_them(tiny_dirs, tmp_path):
+    """`--option head_adaptive=true merge=pivotal` reach the method as a bool and a name (a row per new
+    method option, as the benchmark tables have them)."""
+    rows = bench.main(["--toy", tiny_dirs["qwen2_vl"], "--models", "toy", "--methods", "snapkv,lookm",
+                       "--budgets", "0.25", "--new-tokens", "3", "--repeats", "1", "--option", "window_size=4",
+                       "--option", "head_adaptive=true", "--option", "merge=pivotal", "--out", str(tmp_path)])
+    assert [row.get("error") for row in rows] == [None, None] and all(row["decode_tok_s"] > 0 for row in rows)
+    with pytest.raises(SystemExit):
+        bench.main(["--toy", tiny_dirs["qwen2_vl"], "--option", "head_adaptive", "--out", str(tmp_path)])
+
+
 def test_benchmark_measures_eager_and_static_decoding(tiny_dirs, tmp_path):
     rows = bench.main([
         "--toy", tiny_dirs["qwen2_vl"], "--models", "toy", "--methods", "none,snapkv,h2o", "--budgets", "0.25",
