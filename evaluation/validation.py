@@ -336,7 +336,7 @@ def check_quant_group_sizes(configs: list[dict], pretrained: str, hub: HubAccess
     """Each config's quant_group_size divides the language model's layer widths (config.json), before any weight."""
     from transformers import PretrainedConfig
 
-    from vlmcompress.quantization.base import check_group_fits_config
+    from vlmcompress.quantization.base import DEFAULT_GROUP_SIZE, check_group_fits_config
 
     quantized = [c for c in configs if c.get("quant") not in (None, "none", "None")]
     if not quantized:
@@ -346,7 +346,7 @@ def check_quant_group_sizes(configs: list[dict], pretrained: str, hub: HubAccess
     config = PretrainedConfig(text_config=PretrainedConfig(**text))
     for c in quantized:
         try:
-            check_group_fits_config(config, c.get("quant_group_size", 128), c.get("targets"))
+            check_group_fits_config(config, c.get("quant_group_size", DEFAULT_GROUP_SIZE), c.get("targets"))
         except ValueError as exc:
             raise UsageError(f"config {run_name(c)}: {one_line(exc)}") from None
 

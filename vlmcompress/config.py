@@ -203,11 +203,11 @@ def build_settings(
         sparsity_settings = SparsitySettings(sparsity, sparsity_ratio, sparsity_pattern, calibration, routed["sparsity"])
     quant_settings = None
     if quant is not None:
-        from .quantization import validate_quant_args
+        from .quantization import DEFAULT_BITS, DEFAULT_GROUP_SIZE, validate_quant_args
 
-        method, bits, group_size, _ = validate_quant_args(quant, 4 if quant_bits is None else quant_bits,
-                                                          128 if quant_group_size is None else quant_group_size,
-                                                          **routed["quant"])
+        method, bits, group_size, _ = validate_quant_args(
+            quant, DEFAULT_BITS if quant_bits is None else quant_bits,
+            DEFAULT_GROUP_SIZE if quant_group_size is None else quant_group_size, **routed["quant"])
         quant_settings = QuantSettings(method, bits, group_size, calibration, routed["quant"])
     return CompressionSettings(kv_settings, prune_settings, sparsity_settings, cuda_graphs,
                                decoding or DecodingOptions(), quant_settings)

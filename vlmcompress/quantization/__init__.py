@@ -21,8 +21,8 @@ from ..sparsity.sequential import calibrate_blocks, find_stacks
 from . import awq, gptq, rtn
 from .awq import awq_quantize, awq_scales
 from .base import (
-    BITS, COMMON_OPTIONS, GROUP_SIZES, QuantMethod, check_group_divides, dequantize_groups, quantize_groups,
-    validate_bits, validate_group_size,
+    BITS, COMMON_OPTIONS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, QuantMethod, check_group_divides,
+    dequantize_groups, quantize_groups, validate_bits, validate_group_size,
 )
 from .checkpoint import QUANT_FILE, QuantizationReport, install_save_hook, read_quantization
 from .gptq import gptq_quantize
@@ -38,7 +38,7 @@ def quant_option_names(method: str) -> set[str]:
     return QUANT_METHODS.option_names(method)
 
 
-def validate_quant_args(method, bits=4, group_size=128, **options) -> tuple[str, int, int, dict]:
+def validate_quant_args(method, bits=DEFAULT_BITS, group_size=DEFAULT_GROUP_SIZE, **options) -> tuple[str, int, int, dict]:
     """Check method, bits, group size and options; return (method name, bits, group size, the method's options
     with its defaults). ValueError naming the valid choices otherwise."""
     spec = QUANT_METHODS.lookup(method)
@@ -58,8 +58,8 @@ def quantize(
     model,
     processor,
     method: str,
-    bits: int = 4,
-    group_size: int = 128,
+    bits: int = DEFAULT_BITS,
+    group_size: int = DEFAULT_GROUP_SIZE,
     calibration=None,
     *,
     targets=("language_model",),
@@ -110,8 +110,7 @@ def quantize(
             dtype = linear.weight.dtype
             module = QuantizedLinear.from_codes(linear, codes, scales.to(dtype), zeros, bits,
                                                 None if input_scale is None else input_scale.to(dtype))
-            parent, _, child = lname.rpartition(".")
-            setattr(model.get_submodule(parent), child, module)
+            model.set_submodule(lname, module)
             report.add_layer(lname, linear, module)
 
     with _PlainForward(model):
@@ -137,7 +136,7 @@ def quantize(
 
 __all__ = [
     "quantize", "QUANT_METHODS", "validate_quant_args", "quant_option_names", "QuantizedLinear", "QuantMethod",
-    "QuantizationReport", "read_quantization", "QUANT_FILE", "BITS", "GROUP_SIZES",
+    "QuantizationReport", "read_quantization", "QUANT_FILE", "BITS", "GROUP_SIZES", "DEFAULT_BITS", "DEFAULT_GROUP_SIZE",
     "quantize_groups", "dequantize_groups", "gptq_quantize", "awq_quantize", "awq_scales", "pack_codes",
     "unpack_codes",
 ]

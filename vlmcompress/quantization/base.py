@@ -22,6 +22,7 @@ import torch
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128, 256)  # those of the int4 matmul kernels (tinygemm); a group never spans two rows
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128  # what load(quant=...) and quantize() use unless told
 
 
 def validate_bits(bits) -> int:

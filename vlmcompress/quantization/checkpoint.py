@@ -88,8 +88,7 @@ def _replace_with_empty_modules(model, info: dict) -> None:
         module = QuantizedLinear(layer["in_features"], layer["out_features"], info["group_size"], info["bits"],
                                  bias=layer["bias"], input_scale=layer["input_scale"], dtype=linear.weight.dtype,
                                  device=linear.weight.device)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
+        model.set_submodule(name, module)
 
 
 def quantized_model_class(model_class, info: dict):
