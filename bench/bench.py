@@ -52,14 +52,26 @@ from real_models import make_inputs  # noqa: E402
 DECODE_PATHS = ("eager", "graphs")
 
 
+TOY_IMAGE_SIDE = 64  # pixels of a `--toy` run's images
+
+
+def reproducing_command(script: str, argv) -> str:
+    return f"python bench/{script} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+
+def machine_record(device: torch.device) -> dict:
+    """What a result file says of the machine: the device's name and the library versions."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
 def announce_cuda_run(script: str, argv) -> tuple[str, dict]:
     """For a bench script that times CUDA kernels: refuse without a GPU; else print and return the command
     that reproduces the run and the machine it runs on."""
     if not torch.cuda.is_available():
         raise SystemExit(f"{script} times CUDA kernels: it needs a GPU")
-    command = f"python bench/{script} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    machine = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "transformers": transformers.__version__, "python": platform.python_version()}
+    command, machine = reproducing_command(script, argv), machine_record(torch.device("cuda"))
     print(f"# {command}\n# {json.dumps(machine)}", flush=True)
     return command, machine
 
@@ -69,10 +81,8 @@ def announce_run(script: str, argv, toy: str | None) -> tuple[torch.device, str,
     size (a smoke test of the script; its timings mean nothing), else `announce_cuda_run`'s."""
     if not toy:
         return torch.device("cuda"), *announce_cuda_run(script, argv)
-    command = f"python bench/{script} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    machine = {"device": platform.processor() or "cpu", "torch": torch.__version__,
-               "transformers": transformers.__version__, "python": platform.python_version()}
-    return torch.device("cpu"), command, machine
+    cpu = torch.device("cpu")
+    return cpu, reproducing_command(script, argv), machine_record(cpu)
 
 
 def synchronize(device):
@@ -252,22 +262,20 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "vlmcompress": vlmcompress.__version__,
-        "python": platform.python_version(), "attn_implementation": attn,
+        **machine_record(device), "vlmcompress": vlmcompress.__version__, "attn_implementation": attn,
         "compiled_kernels": compile_by_default(device),
         "split_kv_attention": device.type == "cuda" and split_kv.split_kv_works(device, torch.bfloat16),
     }
     bandwidth = hbm_bandwidth(device)
     machine["hbm_bandwidth_gb_s"] = bandwidth / 1e9 if bandwidth else None
-    command = "python bench/bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = reproducing_command("bench.py", argv)
     print(f"# {command}\n# {json.dumps(machine)}", flush=True)
     rows = []
     for name in args.models.split(","):
         model, processor = build_model(name, device, args.toy, attn)
         for kind in args.inputs.split(","):
             for batch in map(int, args.batch.split(",")):
-                inputs = make_inputs(processor, kind, batch, args.hires if not args.toy else 64).to(device)
+                inputs = make_inputs(processor, kind, batch, args.hires if not args.toy else TOY_IMAGE_SIDE).to(device)
                 baseline_prefill = None
                 for spec in args.methods.split(","):
                     spec, _, own_budget = spec.partition("@")  # "method@budget" overrides --budgets

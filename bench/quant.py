@@ -32,7 +32,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from bench import announce_run, build_model, synchronize, timed  # noqa: E402
+from bench import TOY_IMAGE_SIDE, announce_run, build_model, synchronize, timed  # noqa: E402
 from real_models import make_inputs  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 from vlmcompress.quantization import QuantizedLinear, quantize  # noqa: E402
@@ -97,7 +97,7 @@ def main(argv=None) -> list[dict]:
         held = {"linear_gb": linear_bytes(model) / 1e9,
                 "allocated_gb": torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else None}
         for batch in map(int, args.batches.split(",")):
-            prompts = [make_inputs(processor, "hires", batch, args.hires if not args.toy else 64,
+            prompts = [make_inputs(processor, "hires", batch, args.hires if not args.toy else TOY_IMAGE_SIDE,
                                    first_image=k * batch).to(device) for k in range(args.repeats + 1)]
             for path in args.paths.split(","):
                 row = {"model": args.model, "weights": weights, "batch": batch, "path": path,

@@ -33,7 +33,7 @@ import transformers
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from bench import announce_run, build_model, parse_method, timed  # noqa: E402
+from bench import TOY_IMAGE_SIDE, announce_run, build_model, parse_method, timed  # noqa: E402
 from real_models import make_inputs  # noqa: E402
 from vlmcompress.architectures import ARCHITECTURES  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
@@ -74,6 +74,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--prompts", type=int, default=5, help="different prompts timed per batch size and path")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--budget", type=float, default=0.1, help="KV budget of the vlmcompress paths")
+    parser.add_argument("--hires", type=int, default=1344, help="side of the prompt's image, pixels")
     parser.add_argument("--toy", default=None, help="a tiny checkpoint folder: run on the CPU at toy size")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
@@ -82,8 +83,8 @@ def main(argv=None) -> list[dict]:
     upstream = upstream_copy(model)
     rows = []
     for batch in map(int, args.batches.split(",")):
-        side = {"hires": 64} if args.toy else {}
-        prompts = [make_inputs(processor, "hires", batch, first_image=k * batch, **side).to(device)
+        side = args.hires if not args.toy else TOY_IMAGE_SIDE
+        prompts = [make_inputs(processor, "hires", batch, side, first_image=k * batch).to(device)
                    for k in range(args.prompts + 1)]
         for path in args.paths.split(","):
             generate = generator(path, model, upstream, args.budget)
