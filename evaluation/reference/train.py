@@ -219,10 +219,10 @@ def train_one(arch: str, args) -> dict:
 
     val = split_rows("validation", args.val_n)
     test = split_rows("test", args.test_n)
-    test_hard = split_rows("test_hard", args.test_n) if args.notes_share else None
-    if args.notes_share:  # interleaved, so that the periodic validation's first rows hold both forms
-        hard = split_rows("validation_hard", args.val_n)
-        val = Rows(row for pair in zip(val, hard) for row in pair)
+    test_hard = None
+    if args.notes_share:  # validation interleaved, so that the periodic validation's first rows hold both forms
+        test_hard = split_rows("test_hard", args.test_n)
+        val = Rows(row for pair in zip(val, split_rows("validation_hard", args.val_n)) for row in pair)
     log(f"validation {len(val)} and test {len(test)} samples built in {time.time() - t0:.1f} s")
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -289,8 +289,9 @@ def train_one(arch: str, args) -> dict:
     t = time.time()
     test_acc, test_preds = evaluate(model, processor, test, device=device)
     log(f"final test ({len(test)}) {_fmt(test_acc)} [{time.time() - t:.1f} s]")
-    test_hard_acc = evaluate(model, processor, test_hard, device=device)[0] if test_hard else None
-    if test_hard_acc:
+    test_hard_acc = None
+    if test_hard:
+        test_hard_acc, _ = evaluate(model, processor, test_hard, device=device)
         log(f"final test_hard ({len(test_hard)}) {_fmt(test_hard_acc)}")
 
     model.to("cpu")
