@@ -6,7 +6,6 @@ tokens either way."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from triton_interpreter import in_a_child_process, interpreted
