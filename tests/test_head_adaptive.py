@@ -356,8 +356,10 @@ def test_on_cuda_decoding_equals_the_cpu(tiny_dirs, processors, method):
         results[device] = generate_with_raw_logits(model, inputs.to(device), 40, past_key_values=model.make_cache())
     (sequences, logits), (cuda_sequences, cuda_logits) = results["cpu"], results["cuda"]
     assert torch.equal(sequences, cuda_sequences.cpu())
+    # float64 throughout but the rotary tables, which transformers computes in float32 and CPU and CUDA round
+    # differently: the logits were up to 1.3e-5 apart on an H200 (the tokens must agree exactly)
     for ours, reference in zip(cuda_logits, logits):
-        torch.testing.assert_close(ours.cpu(), reference, rtol=0, atol=1e-9)
+        torch.testing.assert_close(ours.cpu(), reference, rtol=1e-4, atol=1e-4)
 
 
 def test_streamingllm_refuses_it_naming_the_methods_that_take_it(tiny_dirs):
