@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 from ..registry import Registry
 
-# Prompt rows whose similarities to the kept keys (and assignments to them) are computed at once: bounds the
-# [b, h, rows, kept] matrices.
+# Evicted rows whose similarities to the kept keys are computed at once: bounds the [b, h, rows, kept] matrix.
 ROWS_PER_CHUNK = 1024
 
 
@@ -54,29 +53,17 @@ class Merge:
         live = torch.zeros(b, h, n, dtype=torch.bool, device=keys.device).scatter_(-1, slots, kept_valid)
         evicted = ~live if key_valid is None else ~live & key_valid[:, None]
         target, similarity = self.most_similar(keys, kept_keys, kept_valid, dtype)
-        count = self.sum_by_target(evicted.to(dtype)[..., None], target, slots.shape[-1])
+        count = torch.zeros(b, h, slots.shape[-1], dtype=dtype, device=keys.device).scatter_add_(
+            -1, target, evicted.to(dtype))
         index = target[..., None].expand(-1, -1, -1, keys.shape[-1])
         merged = []
         for full, kept in ((keys, kept_keys), (values, kept_values)):
             full, kept = full.to(dtype), kept.to(dtype)
             added = torch.where(evicted[..., None], self.contribution(full, kept.gather(2, index), similarity[..., None]),
                                 0)
-            total = kept + self.sum_by_target(added, target, slots.shape[-1])
-            merged.append((total / (1 + count)).to(keys.dtype))
+            total = kept.scatter_add(2, index, added)
+            merged.append((total / (1 + count[..., None])).to(keys.dtype))
         return merged[0], merged[1]
-
-    @staticmethod
-    def sum_by_target(rows: torch.Tensor, target: torch.Tensor, slots: int) -> torch.Tensor:
-        """Σ_{e -> p} rows_e for each of `slots` kept entries p: `rows` `[b, h, n, d]` summed by `target` `[b, h, n]`,
-        as products with a one-hot assignment, `ROWS_PER_CHUNK` rows at a time. Not `scatter_add`: its atomics
-        are nondeterministic on CUDA, and every entry that joins one key adds at that one address."""
-        b, h, n, d = rows.shape
-        total = rows.new_zeros(b, h, slots, d)
-        for start in range(0, n, ROWS_PER_CHUNK):
-            chunk = slice(start, start + ROWS_PER_CHUNK)
-            joins = F.one_hot(target[:, :, chunk], slots).to(rows.dtype)  # [b, h, rows, slots]
-            total += joins.transpose(-1, -2) @ rows[:, :, chunk]
-        return total
 
     @staticmethod
     def most_similar(keys, kept_keys, kept_valid, dtype) -> tuple[torch.Tensor, torch.Tensor]:
