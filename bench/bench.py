@@ -17,8 +17,10 @@ the bandwidth measured in the same run with a large device-to-device copy.
 decoding from a CUDA graph (`load(..., cuda_graphs=True)`; `none` then keeps every token in a `FullCache`).
 `--option key=value` passes a method option to every method that takes it, typed as `--model_args` values are
 (`--option merge=pivotal`, `--option head_adaptive=true`: the model is then built with the attention that
-decodes per-head lengths, as `load` picks it). `--toy` runs the same code on the tiny CPU checkpoints of
-`vlmcompress.testing`.
+decodes per-head lengths, as `load` picks it). `--rounds R` measures the whole list R times, every other round
+in reverse order, and reports each figure's median over the rounds: at batch 1 a method's place in the order
+moves its prefill by as much as the method adds (docs/benchmarks.md). `--toy` runs the same code on the tiny CPU
+checkpoints of `vlmcompress.testing`.
 """
 
 from __future__ import annotations
@@ -229,6 +231,29 @@ def decode_floor(model, row: dict, new_tokens: int, bandwidth: float | None) -> 
     return (weight_bytes + mean_kv) / bandwidth
 
 
+def rows_of(model, configurations: list[dict], measured: list[list[dict]], errors: dict, new_tokens: int,
+            bandwidth: float | None) -> list[dict]:
+    """One row per configuration measured so far: each figure the median over its rounds, the prefill overhead
+    against the first `none` configuration's, and the decode step against the roofline floor."""
+    rows = []
+    for index, (config, rounds) in enumerate(zip(configurations, measured)):
+        if index in errors:
+            rows.append({**config, "error": errors[index]})
+        elif rounds:
+            row = {**config, **rounds[0], "rounds": len(rounds)}
+            for key, value in rounds[0].items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    row[key] = statistics.median(r[key] for r in rounds)
+            rows.append(row)
+    baseline = next((row["prefill_s"] for row in rows if row["method"] == "none" and "error" not in row), None)
+    for row in rows:
+        if "error" not in row:
+            row["overhead_s"] = row["prefill_s"] - baseline if baseline else None
+            floor = decode_floor(model, row, new_tokens, bandwidth)
+            row["roofline_ratio"] = row["decode_step_s"] / floor if floor else None
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="qwen2_vl_7b")
@@ -239,6 +264,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", default="1")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every configuration this many times, every other round in reverse order; "
+                             "each figure is the median over the rounds")
     parser.add_argument("--hires", type=int, default=1344, help="side of the high-resolution image, pixels")
     parser.add_argument("--option", action="append", default=[], help="method option, e.g. window_size=32")
     parser.add_argument("--out", default="results/bench")
@@ -253,6 +281,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
 
     device = torch.device("cpu" if args.toy or not torch.cuda.is_available() else "cuda")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if any("=" not in option for option in args.option):
         parser.error(f"--option takes key=value, got {args.option}")
     # typed as the evaluation CLI types --model_args: 32 -> int, 0.5 -> float, true -> True
@@ -271,43 +301,51 @@ def main(argv=None) -> list[dict]:
     command = reproducing_command("bench.py", argv)
     print(f"# {command}\n# {json.dumps(machine)}", flush=True)
     rows = []
+
+    def save(more_rows):
+        (out / "bench.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows + more_rows},
+                                                   indent=1))
+
     for name in args.models.split(","):
         model, processor = build_model(name, device, args.toy, attn)
         for kind in args.inputs.split(","):
             for batch in map(int, args.batch.split(",")):
                 inputs = make_inputs(processor, kind, batch, args.hires if not args.toy else TOY_IMAGE_SIDE).to(device)
-                baseline_prefill = None
+                configurations = []
                 for spec in args.methods.split(","):
                     spec, _, own_budget = spec.partition("@")  # "method@budget" overrides --budgets
-                    method = parse_method(spec)
                     budget_list = own_budget or args.budgets
                     budgets = [None] if spec == "none" else [float(b) if "." in b else int(b) for b in budget_list.split(",")]
-                    for budget, decode in itertools.product(budgets, args.decode.split(",")):
-                        row = {"model": name, "input": kind, "batch": batch, "method": spec, "budget": budget,
-                               "decode": decode}
-                        try:
-                            if decode not in DECODE_PATHS:
-                                raise ValueError(f"unknown --decode {decode!r}; choose from {DECODE_PATHS}")
-                            row.update(run_one(model, inputs, method, budget, options, args.new_tokens, args.repeats, device,
-                                               args.profile, cuda_graphs=decode == "graphs"))
-                        except Exception as error:  # one failing configuration must not lose the others
-                            row["error"] = f"{type(error).__name__}: {error}"
-                            print(json.dumps(row), flush=True)
-                            rows.append(row)
+                    configurations += [{"model": name, "input": kind, "batch": batch, "method": spec, "budget": budget,
+                                        "decode": decode} for budget, decode in itertools.product(budgets, args.decode.split(","))]
+                measured = [[] for _ in configurations]  # each configuration's measurements, one a round
+                errors = {}
+                for round_index in range(args.rounds):
+                    # every other round in reverse, so that no method is always measured first or after another
+                    order = list(range(len(configurations)))[::1 if round_index % 2 == 0 else -1]
+                    for index in order:
+                        if index in errors:
                             continue
-                        if spec == "none" and baseline_prefill is None:
-                            baseline_prefill = row["prefill_s"]
-                        row["overhead_s"] = row["prefill_s"] - baseline_prefill if baseline_prefill else None
-                        floor = decode_floor(model, row, args.new_tokens, bandwidth)
-                        row["roofline_ratio"] = row["decode_step_s"] / floor if floor else None
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-                        (out / "bench.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
+                        config = configurations[index]
+                        try:
+                            if config["decode"] not in DECODE_PATHS:
+                                raise ValueError(f"unknown --decode {config['decode']!r}; choose from {DECODE_PATHS}")
+                            measured[index].append(run_one(
+                                model, inputs, parse_method(config["method"]), config["budget"], options,
+                                args.new_tokens, args.repeats, device, args.profile,
+                                cuda_graphs=config["decode"] == "graphs"))
+                        except Exception as error:  # one failing configuration must not lose the others
+                            errors[index] = f"{type(error).__name__}: {error}"
+                        print(json.dumps({**config, "round": round_index,
+                                          **({"error": errors[index]} if index in errors else measured[index][-1])}),
+                              flush=True)
+                        save(rows_of(model, configurations, measured, errors, args.new_tokens, bandwidth))
+                rows += rows_of(model, configurations, measured, errors, args.new_tokens, bandwidth)
                 del inputs
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    (out / "bench.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
+    save([])
     return rows
 
 

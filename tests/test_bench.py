@@ -31,6 +31,29 @@ def test_benchmark_script_runs_at_toy_size(tiny_dirs, tmp_path):
     assert len(saved["rows"]) == 4
 
 
+def test_benchmark_rounds_alternate_the_order_and_report_medians(tiny_dirs, tmp_path, capsys):
+    rows = bench.main([
+        "--toy", tiny_dirs["qwen2_vl"], "--models", "toy", "--methods", "none,snapkv,unknownmethod",
+        "--budgets", "0.25", "--new-tokens", "3", "--repeats", "1", "--option", "window_size=4", "--rounds", "3",
+        "--out", str(tmp_path),
+    ])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    order = [[p["method"] for p in printed if p["round"] == r] for r in range(3)]
+    assert order == [["none", "snapkv", "unknownmethod"], ["snapkv", "none"], ["none", "snapkv"]]
+    by_method = {row["method"]: row for row in rows}
+    assert "error" in by_method["unknownmethod"] and "rounds" not in by_method["unknownmethod"]
+    for method in ("none", "snapkv"):
+        measured = [p for p in printed if p["method"] == method]
+        row = by_method[method]
+        assert row["rounds"] == 3
+        assert row["ttft_s"] == sorted(p["ttft_s"] for p in measured)[1]
+        assert row["prefill_s"] == sorted(p["prefill_s"] for p in measured)[1]
+    assert by_method["snapkv"]["overhead_s"] == by_method["snapkv"]["prefill_s"] - by_method["none"]["prefill_s"]
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    with pytest.raises(SystemExit):
+        bench.main(["--toy", tiny_dirs["qwen2_vl"], "--rounds", "0", "--out", str(tmp_path)])
+
+
 def test_benchmark_options_are_typed_as_the_evaluation_cli_types_them(tiny_dirs, tmp_path):
     """`--option head_adaptive=true merge=pivotal` reach the method as a bool and a name (a row per new
     method option, as the benchmark tables have them)."""
