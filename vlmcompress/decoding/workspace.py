@@ -117,7 +117,7 @@ class WorkspacePool:
         self.entries: OrderedDict[tuple, Workspace] = OrderedDict()
 
     def key(self, layers, slot_sizes: list[int], room: int, batch: int, cache, step_inputs: dict[str, torch.Tensor],
-            constants: dict, paths: tuple = ()):
+            constants: dict, paths: tuple):
         """What a workspace must match: sizes (padded: `slot_sizes`, `batch`), the room, the method, the step's
         input layout, and `paths` (the decoding options the step was built with)."""
         first = layers[0].keys
