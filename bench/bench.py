@@ -319,7 +319,7 @@ def main(argv=None) -> list[dict]:
                     configurations += [{"model": name, "input": kind, "batch": batch, "method": spec, "budget": budget,
                                         "decode": decode} for budget, decode in itertools.product(budgets, args.decode.split(","))]
                 measured = [[] for _ in configurations]  # each configuration's measurements, one a round
-                errors = {}
+                errors, group_rows = {}, []
                 for round_index in range(args.rounds):
                     # every other round in reverse, so that no method is always measured first or after another
                     order = list(range(len(configurations)))[::1 if round_index % 2 == 0 else -1]
@@ -339,8 +339,9 @@ def main(argv=None) -> list[dict]:
                         print(json.dumps({**config, "round": round_index,
                                           **({"error": errors[index]} if index in errors else measured[index][-1])}),
                               flush=True)
-                        save(rows_of(model, configurations, measured, errors, args.new_tokens, bandwidth))
-                rows += rows_of(model, configurations, measured, errors, args.new_tokens, bandwidth)
+                        group_rows = rows_of(model, configurations, measured, errors, args.new_tokens, bandwidth)
+                        save(group_rows)
+                rows += group_rows
                 del inputs
         del model
         if device.type == "cuda":
