@@ -62,8 +62,10 @@ class StepRecorder:
             return output
 
         def close(static):
-            # the graph replays buffers the cache and the step's inputs own: keep them alive with it
-            recorder.kept = {"graph": static.workspace.graph, "workspace": static.workspace, "cache": static.cache}
+            # the graph replays buffers the cache and the step's inputs own: keep them alive with it (a one-token
+            # generate decodes no step and binds no workspace)
+            if static.workspace is not None:
+                recorder.kept = {"graph": static.workspace.graph, "workspace": static.workspace, "cache": static.cache}
             recorder.close(static)
 
         StaticDecoding.decode_step, StaticDecoding.close = decode_step, close
