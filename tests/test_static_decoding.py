@@ -437,3 +437,20 @@ def test_flash_attention_turns_the_default_off(tiny_dirs):
     model = vlmcompress.load(tiny_dirs["qwen2_vl"], kv="snapkv", device_map="cuda")
     language_model_of(model).config._attn_implementation = "flash_attention_2"  # what load picks where installed
     assert not model.static_decoding()
+
+
+def test_replaced_weights_get_new_buffers(tiny_dirs, processors):
+    """A graph reads the weights where they were when it was captured: after a layer's weight is replaced (as
+    quantizing or sparsifying a loaded model does), the next `generate` does not take the kept workspace, and it
+    decodes with the new weight, as eager decoding does."""
+    arch = "qwen2_vl"
+    static_model = load(tiny_dirs[arch], "snapkv", cuda_graphs=True)
+    eager_model = load(tiny_dirs[arch], "snapkv")
+    inputs = image_inputs(processors[arch], QUESTIONS)
+    greedy(static_model, inputs)
+    (kept,) = workspaces_of(static_model)
+    for model in (static_model, eager_model):
+        projection = model.model.language_model.layers[0].mlp.down_proj
+        projection.weight = torch.nn.Parameter(projection.weight.detach() * 3)
+    assert_same_decoding(greedy(static_model, inputs), greedy(eager_model, inputs))
+    assert len(workspaces_of(static_model)) == 2 and workspaces_of(static_model)[0] is kept

@@ -38,7 +38,7 @@ from ..glue import passed_cache
 from .options import DecodingOptions
 from .static_layer import slots_needed
 from .step_kernels import StepKernels
-from .workspace import Workspace, WorkspacePool, batch_bucket, pad_batch, paddable, slot_bucket
+from .workspace import Workspace, WorkspacePool, batch_bucket, pad_batch, paddable, slot_bucket, weights_storage
 
 ROOM = 256  # decoding steps one static allocation serves when generate's max_new_tokens is unknown
 DEFERRED_DEVICES = ("cuda",)  # where transformers' DeferredStopCheck works: it records device events
@@ -145,7 +145,8 @@ class StaticDecoding:
         else:
             batch = batch_bucket(self.batch) if paddable(tensors) else self.batch
             sizes = [slot_bucket(slots_needed(layer)) for layer in layers]
-            key = pool.key(layers, sizes, self.room, batch, self.cache, tensors, constants, self.paths)
+            key = pool.key(layers, sizes, self.room, batch, self.cache, tensors, constants, self.paths,
+                           weights_storage(self.language_model))
             self.workspace = pool.take(key, layers)
             self.reused = self.workspace is not None and self.workspace.graph is not None
             if self.workspace is None:

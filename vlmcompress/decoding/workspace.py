@@ -9,7 +9,8 @@ state into those buffers in place (`StaticLayer.load`) and replays the graph at 
 To make prompts fit, buffers are padded as serving engines pad: the batch up to a power of two (extra rows
 decode a copy of the first sample's token, attend only to themselves and are cut from the output), and each
 layer's slots up to one of 8 sizes per octave (at most 1/8 of the slots unused, masked). A workspace is found by
-its key: the padded sizes, the room (`max_new_tokens`), the method and the step's input layout.
+its key: the padded sizes, the room (`max_new_tokens`), the method, the step's input layout and where the
+weights live (a model whose weights were replaced since captures again).
 
 Memory: each kept workspace holds its KV buffers (the padded size of the cache it last served) and its graph's
 memory pool (the step's activations, small next to the KV). `DecodingOptions.kept_graphs` bounds how many
@@ -18,6 +19,7 @@ memory pool (the step's activations, small next to the KV). `DecodingOptions.kep
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -109,6 +111,13 @@ class Workspace:
         self.graph = self.graph_output = None
 
 
+def weights_storage(module: torch.nn.Module) -> int:
+    """Where `module`'s parameters and buffers live now. A tensor replaced since a step was captured (quantized or
+    sparsified layers, a `.to()`, codes repacked for another kernel) would leave its graph reading freed memory,
+    so a changed storage is a changed key."""
+    return hash(tuple(tensor.data_ptr() for tensor in itertools.chain(module.parameters(), module.buffers())))
+
+
 class WorkspacePool:
     """A model's kept workspaces, by key, least recently used dropped past `size`."""
 
@@ -117,9 +126,10 @@ class WorkspacePool:
         self.entries: OrderedDict[tuple, Workspace] = OrderedDict()
 
     def key(self, layers, slot_sizes: list[int], room: int, batch: int, cache, step_inputs: dict[str, torch.Tensor],
-            constants: dict, paths: tuple):
+            constants: dict, paths: tuple, weights: int):
         """What a workspace must match: sizes (padded: `slot_sizes`, `batch`), the room, the method, the step's
-        input layout, and `paths` (the decoding options the step was built with)."""
+        input layout, `paths` (the decoding options the step was built with) and `weights` (`weights_storage`:
+        a graph reads the weights where they were when it was captured)."""
         first = layers[0].keys
         sizes = tuple((layer.capacity is not None, layer.scores is not None, slots)
                       for layer, slots in zip(layers, slot_sizes))
@@ -129,7 +139,7 @@ class WorkspacePool:
         settings = tuple(sorted((name, repr(value)) for name, value in constants.items()
                                 if value is None or isinstance(value, (bool, int, float, str))))
         return (first.device, first.dtype, first.shape[1], first.shape[3], batch, sizes, room, type(cache),
-                cache.policy, inputs, settings, paths)
+                cache.policy, inputs, settings, paths, weights)
 
     def take(self, key, layers) -> Workspace | None:
         """The workspace kept for `key` with `layers` loaded into it, or None."""
