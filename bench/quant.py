@@ -5,8 +5,9 @@
 
 The model is built from its real configuration with random bf16 weights (`real_models.py`): first as it is, then
 a second copy whose language-model Linear layers are quantized by round-to-nearest (`--bits`, `--group-size`;
-speed does not depend on the method or the values) into `QuantizedLinear` layers, which multiply through PyTorch's
-int4 kernel (tinygemm). For each weights kind, batch size and path (`eager`: transformers' decoding; `graphs`:
+speed does not depend on the method or the values) into `QuantizedLinear` layers, timed with each CUDA kernel of
+`--kernels` (`triton`: ours, on the stored layout; `tinygemm`: PyTorch's `_weight_int4pack_mm`, repacked). For
+each weights kind and kernel, batch size and path (`eager`: transformers' decoding; `graphs`:
 `cuda_graphs=True`, static decoding replayed from a CUDA graph; `snapkv`: SnapKV at `--budget`, eager or with
 `graphs+`), one `generate` at the timed shapes runs first (it captures what the path captures), then `--repeats`
 timed pairs, medians reported:
@@ -72,6 +73,24 @@ def measure(model, prompts, path, args, device) -> dict:
             "prompt_tokens": prompts[0]["input_ids"].shape[1]}
 
 
+def measure_weights(model, processor, weights: str, kernel: str | None, held: dict, args, device) -> list[dict]:
+    """One row per batch size and path for the model as it is now (its weights, its CUDA kernel)."""
+    rows = []
+    for batch in map(int, args.batches.split(",")):
+        prompts = [make_inputs(processor, "hires", batch, args.hires if not args.toy else TOY_IMAGE_SIDE,
+                               first_image=k * batch).to(device) for k in range(args.repeats + 1)]
+        for path in args.paths.split(","):
+            row = {"model": args.model, "weights": weights, "kernel": kernel, "batch": batch, "path": path,
+                   "new_tokens": args.new_tokens, **held}
+            try:
+                row.update(measure(model, prompts, path, args, device))
+            except Exception as exc:  # noqa: BLE001 - one failing row is reported, the others still run
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2_vl_7b")
@@ -83,10 +102,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--hires", type=int, default=672, help="side of the prompt's image, pixels")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--kernels", default="triton,tinygemm",
+                        help="CUDA kernels of the quantized model (QuantizedLinear.cuda_kernel), each timed")
     parser.add_argument("--toy", default=None, help="a tiny checkpoint folder: run on the CPU at toy size")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
+    if not set(args.kernels.split(",")) <= {"triton", "tinygemm"}:
+        parser.error(f"--kernels takes triton and tinygemm, got {args.kernels!r}")
     device, command, machine = announce_run("quant.py", argv, args.toy)
+    kernels = args.kernels.split(",") if device.type == "cuda" else [None]  # the CPU has one int4 path
     rows = []
     for weights in ("bf16", f"w{args.bits}-rtn-g{args.group_size}"):
         model, processor = build_model(args.model, device, args.toy)
@@ -96,18 +120,10 @@ def main(argv=None) -> list[dict]:
         synchronize(device)
         held = {"linear_gb": linear_bytes(model) / 1e9,
                 "allocated_gb": torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else None}
-        for batch in map(int, args.batches.split(",")):
-            prompts = [make_inputs(processor, "hires", batch, args.hires if not args.toy else TOY_IMAGE_SIDE,
-                                   first_image=k * batch).to(device) for k in range(args.repeats + 1)]
-            for path in args.paths.split(","):
-                row = {"model": args.model, "weights": weights, "batch": batch, "path": path,
-                       "new_tokens": args.new_tokens, **held}
-                try:
-                    row.update(measure(model, prompts, path, args, device))
-                except Exception as exc:  # noqa: BLE001 - one failing row is reported, the others still run
-                    row["error"] = f"{type(exc).__name__}: {exc}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        for kernel in [None] if weights == "bf16" else kernels:
+            if kernel is not None:
+                QuantizedLinear.cuda_kernel = kernel
+            rows += measure_weights(model, processor, weights, kernel, held, args, device)
         del model
         gc.collect()
         if device.type == "cuda":
@@ -117,10 +133,11 @@ def main(argv=None) -> list[dict]:
                      and r["path"] == row["path"] and "decode_tok_s" in r), None)
         if row["weights"] != "bf16" and base is not None and "decode_tok_s" in row:
             row["speedup"] = row["decode_tok_s"] / base["decode_tok_s"]
-    print("| weights | batch | path | decode tok/s | x bf16 | TTFT s | Linear GB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| weights | kernel | batch | path | decode tok/s | x bf16 | TTFT s | Linear GB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['weights']} | {r['batch']} | {r['path']} | {r.get('decode_tok_s', float('nan')):.1f} | "
+        print(f"| {r['weights']} | {r['kernel'] or ''} | {r['batch']} | {r['path']} | "
+              f"{r.get('decode_tok_s', float('nan')):.1f} | "
               f"{r.get('speedup', 1.0 if r['weights'] == 'bf16' else float('nan')):.2f} | "
               f"{r.get('ttft_s', float('nan')):.3f} | {r['linear_gb']:.2f} |")
     if args.out:

@@ -137,7 +137,7 @@ def test_multi_gpu_script_runs_at_toy_size_with_two_cpu_ranks(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs instead of refusing")
-@pytest.mark.parametrize("script", ["decode_attention", "decode_step", "quant", "scoring", "workload"])
+@pytest.mark.parametrize("script", ["decode_attention", "decode_step", "quant", "quant_kernels", "scoring", "workload"])
 def test_cuda_timers_need_a_gpu_and_say_so(script):
     module = __import__(script)
 

@@ -160,7 +160,10 @@ def test_int4_kernel_equals_dequantized_product_and_keeps_the_stored_form(bias):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tinygemm, the CUDA int4 kernel, needs a GPU")
-def test_cuda_int4_kernel_equals_dequantized_product_and_replays_in_a_cuda_graph():
+def test_cuda_tinygemm_kernel_when_chosen_equals_dequantized_product_and_replays_in_a_cuda_graph(monkeypatch):
+    """tinygemm is kept as an explicit choice (`QuantizedLinear.cuda_kernel`), to compare with the triton kernels
+    (tests/test_quant_kernels.py); switching back reads the codes back into the stored form."""
+    monkeypatch.setattr(QuantizedLinear, "cuda_kernel", "tinygemm")
     torch.manual_seed(0)
     linear = nn.Linear(3584, 512, bias=True, device="cuda", dtype=torch.bfloat16)
     codes, scales, zeros = quantize_groups(linear.weight.data.float(), 4, 128)
@@ -179,6 +182,10 @@ def test_cuda_int4_kernel_equals_dequantized_product_and_replays_in_a_cuda_graph
     static_x.copy_(x * 2)
     graph.replay()
     assert torch.equal(static_out, module(x * 2))
+    monkeypatch.setattr(QuantizedLinear, "cuda_kernel", "triton")
+    triton_out = module(x)
+    assert module.layout == "plain" and torch.equal(module.qweight, pack_codes(codes))
+    torch.testing.assert_close(triton_out.float(), expected, atol=3e-2 * expected.abs().max().item(), rtol=3e-2)
 
 
 def test_codes_read_back_from_the_kernel_layout_across_chunks_of_inputs():

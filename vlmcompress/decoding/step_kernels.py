@@ -18,11 +18,15 @@ The Linears that read the same input, an attention's q/k/v projections and a gat
 one matrix product each (`FusedProducts`): at decoding's few rows a product is bound by reading its weights,
 and one long product reads them faster than several short ones. For that their weights (and biases) are
 moved, once, into one buffer of which each Linear keeps a view (`fuse_linears`): no second copy is held.
+Quantized layers that read their stored form (`QuantizedLinear` on CUDA, or dequantizing) are fused the same
+way, their codes, scales and zeros each in one buffer (`fuse_quantized_linears`), unless AWQ gave each its own
+input scale.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 
 import torch
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 
 from .. import compilation
 from ..glue import rotary_function_name
+from ..quantization.packing import QuantizedLinear, fuse_quantized_linears
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,24 +72,27 @@ def consecutive_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride())
 
 
+def fused_rows(modules: list[torch.nn.Module], name: str) -> torch.Tensor:
+    """One tensor over the `name` tensors of `modules` (parameters or buffers), concatenated along their first
+    dimension, whose consecutive rows are the modules' own: the first call moves them into one buffer, of which
+    each module keeps a view (as the parameter or buffer it was), so that no second copy is held; later calls
+    find them there. A tensor replaced since (a `to`, a new weight) is moved again."""
+    tensors = [getattr(module, name) for module in modules]
+    rows = consecutive_rows(tensors)
+    if rows is None:
+        rows = torch.cat([tensor.detach() for tensor in tensors])
+        for module, tensor, part in zip(modules, tensors, rows.split([t.shape[0] for t in tensors])):
+            setattr(module, name, torch.nn.Parameter(part, requires_grad=tensor.requires_grad)
+                    if isinstance(tensor, torch.nn.Parameter) else part)
+    return rows
+
+
 def fuse_linears(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The weight and bias of one Linear computing all of `linears` (outputs concatenated), as tensors whose
-    consecutive rows are the Linears' own parameters; None where `plain_weights` says no. The first call
-    moves the parameters into one buffer each (the Linears keep views of it, so the model holds no second
-    copy); later calls find them there. A parameter replaced since (a `to`, a new weight) is moved again."""
+    consecutive rows are the Linears' own parameters (`fused_rows`); None where `plain_weights` says no."""
     if not plain_weights(linears):
         return None
-
-    def fused(name: str) -> torch.Tensor:
-        parameters = [getattr(linear, name) for linear in linears]
-        rows = consecutive_rows(parameters)
-        if rows is None:
-            rows = torch.cat([parameter.detach() for parameter in parameters])
-            for linear, parameter, part in zip(linears, parameters, rows.split([p.shape[0] for p in parameters])):
-                setattr(linear, name, torch.nn.Parameter(part, requires_grad=parameter.requires_grad))
-        return rows
-
-    return fused("weight"), fused("bias") if linears[0].bias is not None else None
+    return fused_rows(linears, "weight"), fused_rows(linears, "bias") if linears[0].bias is not None else None
 
 
 class FusedProducts:
@@ -114,8 +122,25 @@ class FusedProducts:
     @classmethod
     def of(cls, module: torch.nn.Module, names: tuple[str, ...]) -> "FusedProducts | None":
         linears = [getattr(module, name, None) for name in names]
-        fused = fuse_linears(linears) if all(linear is not None for linear in linears) else None
+        if any(linear is None for linear in linears):
+            return None
+        if all(isinstance(linear, QuantizedLinear) for linear in linears):
+            fused = fuse_quantized_linears(linears)
+            return None if fused is None else FusedQuantizedProducts(linears, fused)
+        fused = fuse_linears(linears)
         return None if fused is None else cls(linears, *fused)
+
+
+class FusedQuantizedProducts(FusedProducts):
+    """`QuantizedLinear`s reading the same input, run as one quantized product over their fused codes, scales and
+    zeros (`fuse_quantized_linears`)."""
+
+    def __init__(self, layers: list[QuantizedLinear], fused: QuantizedLinear):
+        super().__init__(layers, weight=None, bias=None)  # the weight and bias are `fused`'s
+        self.fused = fused
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.fused(hidden).split(self.sizes, dim=-1)
 
 
 class StepKernels:
@@ -150,7 +175,9 @@ class StepKernels:
     def _agrees_with(cls, module: torch.nn.Module, replacement, probe_shape, variant: type | None = None) -> bool:
         """Whether `replacement(module, x)` gives `module(x)` on a random x, checked once per class, `variant`
         (what configures the class, an MLP's activation) and dtype."""
-        parameter = next(module.parameters())
+        # the first float tensor: a quantized MLP's may be its layers' scales (codes are integers, and a
+        # QuantizedLinear has no parameter but its bias)
+        parameter = next(t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point())
         key = (type(module), variant, parameter.dtype)
         if key not in cls._agrees:
             dtype, device = parameter.dtype, parameter.device
@@ -173,7 +200,8 @@ class StepKernels:
     @classmethod
     def _gated_silu_mlp(cls, module: torch.nn.Module) -> bool:
         parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-        if not all(isinstance(part, torch.nn.Linear) for part in parts) or not hasattr(module, "act_fn"):
+        if not all(isinstance(part, (torch.nn.Linear, QuantizedLinear)) for part in parts) \
+                or not hasattr(module, "act_fn"):
             return False
         return cls._agrees_with(module, lambda mlp, x: gated_mlp(silu_gate, mlp, None, x), (2, parts[0].in_features),
                                 type(module.act_fn))

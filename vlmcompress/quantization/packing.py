@@ -10,12 +10,16 @@ Stored form (what `state_dict`, `save_pretrained` and checkpoints hold, on any d
   per-channel scale AWQ folded into the weight);
 * `bias` when the Linear had one.
 
-Products: PyTorch's own int4 kernels, `torch.ops.aten._weight_int4pack_mm` (CUDA, bfloat16: tinygemm) and
-`_weight_int4pack_mm_for_cpu` (CPU, bfloat16), which read `(q - 8) * scale + offset` with
-`offset = (8 - zero) * scale`. On the first product on a device whose kernel takes the layer, the codes are
-repacked into that kernel's layout in place of `qweight` (no second copy is kept); `state_dict` and moving the
-module to another device turn them back into the stored form exactly. Where no kernel takes the layer (float16,
-float32, widths the kernels do not tile), the weight is dequantized for each product.
+Products. On CUDA, by default, PyTorch's tinygemm (`torch.ops.aten._weight_int4pack_mm`, bfloat16) and on the CPU
+`_weight_int4pack_mm_for_cpu` (bfloat16), which read `(q - 8) * scale + offset` with `offset = (8 - zero) *
+scale` from codes repacked into their layout on the first product, in place of `qweight` (no second copy is kept);
+`state_dict` and moving the module to another device turn them back into the stored form exactly.
+`QuantizedLinear.cuda_kernel = "triton"` (the class, or one layer) puts CUDA bfloat16 and float16 layers on our
+triton kernels (`kernels`) instead, which read the stored form as it is: a product with up to 16 rows (decoding)
+in one kernel, more rows (prefill) by dequantizing the weight for cuBLAS. They are not the default until they are
+timed on a GPU against tinygemm (`bench/quant.py --kernels triton,tinygemm`). Where no kernel takes the layer
+(float32, float16 without the triton kernels, widths the kernels do not tile), the weight is dequantized for each
+product.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .base import dequantize_groups
 
 PLAIN, CUDA_TILED, CPU_PACKED = "plain", "cuda", "cpu"
@@ -46,6 +51,8 @@ def _inner_k_tiles(in_features: int) -> int | None:
 
 class QuantizedLinear(nn.Module):
     """`y = (x * input_scale) @ dequant(W)^T + bias` with W held as 4-bit codes (see the module docstring)."""
+
+    cuda_kernel = "tinygemm"  # CUDA products: "tinygemm" (PyTorch's, repacked) or "triton" (ours, on the stored form)
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bits: int, bias: bool = False,
                  input_scale: bool = False, dtype=torch.float32, device=None):
@@ -123,14 +130,17 @@ class QuantizedLinear(nn.Module):
 
     # ----------------------------------------------------------------------------------------- products
 
-    def kernel_layout(self) -> str | None:
-        """The int4 kernel that takes this layer on its current device and dtype, or None."""
+    def kernel_layout(self, out_features: int | None = None) -> str | None:
+        """The layout of the int4 kernel that repacks this layer's codes on its current device and dtype (CPU
+        bfloat16; CUDA bfloat16 when `cuda_kernel` is "tinygemm"), or None where products read the stored form.
+        `out_features`: for a layer as this one but of that output width (fused ones)."""
         device, dtype = self.scales.device, self.scales.dtype
-        if device.type == "cuda" and dtype == torch.bfloat16 and self.out_features % 8 == 0 \
-                and _inner_k_tiles(self.in_features):
+        out_features = out_features or self.out_features
+        if device.type == "cuda" and self.cuda_kernel == "tinygemm" and dtype == torch.bfloat16 \
+                and out_features % 8 == 0 and _inner_k_tiles(self.in_features):
             return CUDA_TILED
         # float32 has a CPU kernel too, but one slower than dequantizing: bfloat16 only
-        if device.type == "cpu" and dtype == torch.bfloat16 and self.out_features % 16 == 0:
+        if device.type == "cpu" and dtype == torch.bfloat16 and out_features % 16 == 0:
             return CPU_PACKED
         return None
 
@@ -152,13 +162,46 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
-        if self.layout == PLAIN and (layout := self.kernel_layout()) is not None:
-            self._to_kernel_layout(layout)
+        if self.layout != (layout := self.kernel_layout()):  # first product, or `cuda_kernel` switched since
+            self._to_plain()
+            if layout is not None:
+                self._to_kernel_layout(layout)
         if self.layout != PLAIN and x.dtype == self.scale_and_offset.dtype:
             out = self._kernel(x.reshape(-1, self.in_features), self.scale_and_offset)
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out + self.bias if self.bias is not None else out
+        if self.layout == PLAIN and self.cuda_kernel == "triton" and kernels.takes(x, self.scales, self.group_size):
+            return kernels.quantized_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.group_size)
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+
+def fuse_quantized_linears(layers: list[QuantizedLinear]) -> QuantizedLinear | None:
+    """One QuantizedLinear computing all of `layers` (outputs concatenated) over buffers whose consecutive rows
+    are the layers' own `qweight`, `scales`, `zeros` and biases: the first call moves them into one buffer each,
+    of which the layers keep views (no second copy, as `fuse_linears` does for Linears); later calls find them
+    there. None unless the layers read one input alike: the same input width, group size, bits, dtype and
+    device, no input scale (AWQ's is each layer's own), all or none with a bias, and products that read the
+    stored form (no kernel repacks their codes now, nor would the fused layer's).
+    """
+    from ..decoding.step_kernels import fused_rows  # the decoding package imports this module
+
+    if not all(isinstance(layer, QuantizedLinear) for layer in layers):
+        return None
+    first, out_features = layers[0], sum(layer.out_features for layer in layers)
+    alike = {(layer.in_features, layer.group_size, layer.bits, layer.scales.dtype, layer.scales.device,
+              layer.bias is None) for layer in layers}
+    if not (len(alike) == 1 and first.scales.device.type != "meta" and first.kernel_layout(out_features) is None
+            and all(layer.input_scale is None and layer.kernel_layout() is None and not hasattr(layer, "_hf_hook")
+                    for layer in layers)):
+        return None
+    for layer in layers:  # codes left in tinygemm's layout by an earlier `cuda_kernel`: back to the stored form
+        layer._to_plain()
+    fused = QuantizedLinear(first.in_features, out_features, first.group_size, first.bits,
+                            bias=first.bias is not None, dtype=first.scales.dtype, device="meta")
+    fused.qweight, fused.scales, fused.zeros = (fused_rows(layers, name) for name in ("qweight", "scales", "zeros"))
+    if first.bias is not None:
+        fused.bias = nn.Parameter(fused_rows(layers, "bias"), requires_grad=False)
+    return fused
 
 
 def _stored_form_in_state_dict(module: QuantizedLinear, state_dict, prefix, local_metadata):

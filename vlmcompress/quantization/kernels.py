@@ -1,0 +1,297 @@
+"""Triton kernels for `QuantizedLinear` on CUDA, reading the stored layout (`packing`) as it is: no repacking.
+
+A product with few rows (decoding; at most `MAX_PRODUCT_ROWS`) is bound by reading the packed weight. One
+program computes a block of output columns over the whole input: it walks the input a step of `block_k` columns
+at a time, splits each packed byte into its two codes (high nibble: even column, low nibble: odd column) and
+multiplies the codes with the input's even and odd columns. The zero point and scale are applied once per
+group on the sums, `s · (Σ q·x − z · Σ x)`, rather than on every weight; no atomics, no workspace, so it replays
+inside CUDA graphs. With one row the products are elementwise in float32 and summed (`product_one_row`); with
+2-16 rows the rows are padded to 16 and the codes go to the tensor cores (`product_few_rows`). Both accumulate
+in float32, and read a code as a float from its bits, with no conversion instruction: 0x4B000000 | q is the
+float32 2^23 + q (less 2^23 at once), 0x4300 | q the bf16 128 + q and 0x6400 | q the fp16 1024 + q (these
+offsets are subtracted with the zero point, after the tensor-core sums).
+
+With more rows (prefill) the product is bound by arithmetic, which cuBLAS does best: `dequantize` writes the
+weight in the model's dtype, bit for bit `dequantize_groups(...).to(dtype)`, for one `F.linear`.
+
+The launch configurations of the few-rows product are a small table by shape (`ONE_ROW_LAUNCHES`,
+`FEW_ROWS_LAUNCHES`), which `bench/quant_kernels.py` tunes on a GPU from `candidate_configs`. The kernels serve
+bf16/fp16 layers on CUDA where a probe against the dequantized product passes (`kernels_work`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .. import compilation
+from .base import dequantize_groups
+
+MAX_PRODUCT_ROWS = 16  # rows up to which `quantized_linear` runs the few-rows product; above it, dequantize + cuBLAS
+DOT_ROWS = 16  # tl.dot takes at least 16 rows: `product_few_rows` pads the input's rows to this
+DEQUANTIZE_BLOCK_N = 64  # output rows one `dequantize` program writes (by one group's columns)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductConfig:
+    """A launch of the few-rows product: `block_m` 1 runs `product_one_row` (one input row), 16
+    `product_few_rows` (up to 16 rows, tensor cores); each program computes `block_n` outputs, `block_k` input
+    columns a step (for `product_few_rows` at most one group)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def fitted(self, in_features: int, group_size: int) -> "ProductConfig":
+        """This launch with a step that the input and its groups take: within one group for the tensor-core
+        kernel, a divisor of the input width (the steps are not masked) for both."""
+        block_k = min(self.block_k, group_size) if self.block_m > 1 else self.block_k
+        while in_features % block_k:  # halving ends at the group size at the latest, which divides the input
+            block_k //= 2
+        return dataclasses.replace(self, block_k=block_k)
+
+
+# The launches of the few-rows product by shape: (out_features at most, in_features at least, launch), the first
+# row that matches wins. A first table, not tuned on a GPU yet (bench/quant_kernels.py times `candidate_configs`
+# and prints the best per shape): blocks of output rows small enough for a few hundred programs at Qwen2-7B's
+# widths, and on wide inputs longer steps, so that each program has more bytes in flight.
+ONE_ROW_LAUNCHES = [
+    (1024, 0, ProductConfig(1, 8, 256)),
+    (8192, 8192, ProductConfig(1, 16, 512)),  # down_proj, 18944 -> 3584
+    (8192, 0, ProductConfig(1, 16, 256)),  # the fused q/k/v, 3584 -> 4608; o_proj, 3584 -> 3584
+    (math.inf, 8192, ProductConfig(1, 32, 512)),
+    (math.inf, 0, ProductConfig(1, 32, 256)),  # the fused gate/up, 3584 -> 37888
+]
+FEW_ROWS_LAUNCHES = [
+    (8192, 0, ProductConfig(DOT_ROWS, 32, 128, num_warps=4, num_stages=3)),
+    (math.inf, 0, ProductConfig(DOT_ROWS, 64, 128, num_warps=4, num_stages=3)),
+]
+
+
+def product_config(rows: int, out_features: int, in_features: int) -> ProductConfig:
+    """The launch of a product of `rows` ≤ 16 rows with a `[out_features, in_features]` weight, from the tables
+    above (one row, or 2-16)."""
+    table = ONE_ROW_LAUNCHES if rows == 1 else FEW_ROWS_LAUNCHES
+    return next(launch for most_out, least_in, launch in table if out_features <= most_out and in_features >= least_in)
+
+
+def candidate_configs(rows: int) -> list[ProductConfig]:
+    """The launches `bench/quant_kernels.py` tries for `rows`: one-row ones (for one row) and tensor-core ones.
+    (Steps longer than 512 columns would not divide Qwen2-7B's widths, 7 · 512 and 37 · 512.)"""
+    dot = [ProductConfig(DOT_ROWS, block_n, block_k, warps, stages) for block_n in (16, 32, 64, 128)
+           for block_k in (64, 128) for warps, stages in ((4, 2), (4, 4))]
+    if rows > 1:
+        return dot
+    one_row = [ProductConfig(1, block_n, block_k, warps)
+               for block_n in (8, 16, 32, 64) for block_k in (128, 256, 512) for warps in (4, 8)]
+    return one_row + dot
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: str | None):
+    """The three triton kernels, built on first use (so that a machine without triton never asks for it), and
+    again under `TRITON_INTERPRET`, which `triton.jit` reads when it decorates."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def product_one_row(X, QW, S, Z, BIAS, OUT, N, K, row_bytes, groups, HAS_BIAS: tl.constexpr,
+                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, PART: tl.constexpr):
+        """OUT[n] = Σ_k X[k] (q[n, k] − z) s (+ BIAS[n]); a step reads PARTS × PART columns, each part inside
+        one group (so PART = min(step, group)): a [BLOCK_N, PARTS, PART / 2] tile of bytes."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = n < N
+        part, pair = tl.arange(0, PARTS)[:, None], tl.arange(0, PART // 2)[None, :]
+        rows = QW + n.to(tl.int64)[:, None, None] * row_bytes
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(0, K, PARTS * PART):
+            packed = tl.load(rows + (start // 2 + part * (PART // 2) + pair)[None, :, :], mask=live[:, None, None],
+                             other=0)
+            x = tl.load(X + start + part * PART + tl.arange(0, PART)[None, :]).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(x, [PARTS, PART // 2, 2]))
+            # a code q as a float from its bits, with no conversion instruction: 0x4B000000 | q is 2^23 + q
+            high = ((packed >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            low = ((packed & 15).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            codes_x = tl.sum(high * x_even[None, :, :] + low * x_odd[None, :, :], axis=2)  # [BLOCK_N, PARTS]
+            at = n[:, None] * groups + (start + tl.arange(0, PARTS) * PART)[None, :] // GROUP
+            scale = tl.load(S + at, mask=live[:, None], other=0).to(tl.float32)
+            zero = tl.load(Z + at, mask=live[:, None], other=0).to(tl.float32)
+            x_sum = tl.sum(x, axis=1)
+            acc += tl.sum(scale * (codes_x - zero * x_sum[None, :]), axis=1)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + n, mask=live, other=0).to(tl.float32)
+        tl.store(OUT + n, acc.to(OUT.dtype.element_ty), mask=live)
+
+    @triton.jit
+    def product_few_rows(X, QW, S, Z, BIAS, OUT, M, N, K, row_bytes, groups, stride_x, stride_out,
+                         HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, CODE_OFFSET: tl.constexpr):
+        """OUT[m, n] = Σ_k X[m, k] (q[n, k] − z) s (+ BIAS[n]) for M ≤ BLOCK_M rows (padded with zeros): per step
+        of BLOCK_K ≤ GROUP columns, two tensor-core products of the even and odd input columns with the
+        [BLOCK_K / 2, BLOCK_N] high and low codes (CODE_OFFSET + q in DOT_DTYPE), then the group's zero point
+        and that offset, and its scale."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, BLOCK_M)
+        live_n, live_m = n < N, m < M
+        columns = QW + n.to(tl.int64)[None, :] * row_bytes  # the codes read transposed: [bytes, outputs]
+        rows = X + m[:, None] * stride_x
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            packed = tl.load(columns + (start // 2 + tl.arange(0, BLOCK_K // 2))[:, None], mask=live_n[None, :],
+                             other=0)
+            x = tl.load(rows + start + tl.arange(0, BLOCK_K)[None, :], mask=live_m[:, None], other=0)
+            x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
+            high, low = packed >> 4, packed & 15
+            if DOT_DTYPE == tl.bfloat16:  # CODE_OFFSET + q from the bits: 0x4300 | q is 128 + q
+                high = (high.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+                low = (low.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+            elif DOT_DTYPE == tl.float16:  # 0x6400 | q is 1024 + q
+                high = (high.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+                low = (low.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+            else:
+                high, low = high.to(tl.float32), low.to(tl.float32)
+            codes_x = tl.dot(x_even.to(DOT_DTYPE), high)
+            codes_x = tl.dot(x_odd.to(DOT_DTYPE), low, codes_x)
+            at = n * groups + start // GROUP
+            scale = tl.load(S + at, mask=live_n, other=0).to(tl.float32)
+            zero = tl.load(Z + at, mask=live_n, other=0).to(tl.float32) + CODE_OFFSET
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            acc += scale[None, :] * (codes_x - zero[None, :] * x_sum[:, None])
+        if HAS_BIAS:
+            acc += tl.load(BIAS + n, mask=live_n, other=0).to(tl.float32)[None, :]
+        tl.store(OUT + m[:, None] * stride_out + n[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=live_m[:, None] & live_n[None, :])
+
+    @triton.jit
+    def dequantize(QW, S, Z, OUT, N, K, row_bytes, groups, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+        """OUT[n, k] = ((q − z) · s in float32).to(OUT's dtype) for one group's columns of BLOCK_N rows: q − z and
+        the product with a bf16/fp16 scale are exact in float32, so the one rounding is the cast's, as in
+        `dequantize_groups(...).to(dtype)`."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        group = tl.program_id(1)
+        live = n < N
+        pair = group * (GROUP // 2) + tl.arange(0, GROUP // 2)
+        packed = tl.load(QW + n.to(tl.int64)[:, None] * row_bytes + pair[None, :], mask=live[:, None], other=0)
+        scale = tl.load(S + n * groups + group, mask=live, other=0).to(tl.float32)[:, None]
+        zero = tl.load(Z + n * groups + group, mask=live, other=0).to(tl.float32)[:, None] + 8388608.0
+        # 0x4B000000 | q is the float 2^23 + q: less 2^23 + z, q - z exactly
+        high = (((packed >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale
+        low = (((packed & 15).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale
+        weight = tl.interleave(high, low)
+        if OUT.dtype.element_ty == tl.bfloat16:  # rounded to nearest even by hand: the interpreter truncates casts
+            bits = weight.to(tl.uint32, bitcast=True)
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            weight = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        column = group * GROUP + tl.arange(0, GROUP)
+        tl.store(OUT + n.to(tl.int64)[:, None] * K + column[None, :], weight.to(OUT.dtype.element_ty),
+                 mask=live[:, None])
+
+    return product_one_row, product_few_rows, dequantize
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """The tensor-core kernel's operand type and the offset its codes are read with: the input's,
+    except in triton's interpreter, whose bf16 products are wrong (float32 holds bf16 inputs exactly)."""
+    import triton.language as tl
+
+    if dtype == torch.float16:
+        return tl.float16, 1024.0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32, 0.0
+    return tl.bfloat16, 128.0
+
+
+def quantized_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      bias: torch.Tensor | None, group_size: int, config: ProductConfig | None = None) -> torch.Tensor:
+    """`x` [rows, in] (rows ≤ 16, contiguous) times the weight held as `qweight` [out, in/2], `scales` and
+    `zeros` [out, in/group] (`packing`'s stored form), plus `bias`: [rows, out] in x's dtype, summed in float32.
+    `config`: a launch (`product_config(...)` by default)."""
+    rows, in_features = x.shape
+    out_features = qweight.shape[0]
+    config = (config or product_config(rows, out_features, in_features)).fitted(in_features, group_size)
+    if rows > config.block_m:
+        raise ValueError(f"a launch with block_m={config.block_m} takes at most that many rows, not {rows}")
+    out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    product_one_row, product_few_rows, _ = _kernels(os.environ.get("TRITON_INTERPRET"))
+    grid = (-(-out_features // config.block_n),)
+    has_bias = bias is not None
+    shared = (x, qweight, scales, zeros, bias if has_bias else scales, out)  # the bias is not read without one
+    widths = (out_features, in_features, qweight.stride(0), in_features // group_size)
+    launch = {"HAS_BIAS": has_bias, "GROUP": group_size, "BLOCK_N": config.block_n, "num_warps": config.num_warps,
+              "num_stages": config.num_stages}
+    if config.block_m == 1:
+        part = min(config.block_k, group_size)
+        product_one_row[grid](*shared, *widths, PARTS=config.block_k // part, PART=part, **launch)
+    else:
+        dot_dtype, code_offset = _dot_dtype(x.dtype)
+        product_few_rows[grid](*shared, rows, *widths, x.stride(0), out.stride(0), BLOCK_M=config.block_m,
+                               BLOCK_K=config.block_k, DOT_DTYPE=dot_dtype, CODE_OFFSET=code_offset, **launch)
+    return out
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The weight [out, in] in the scales' dtype, equal to `dequantize_groups(codes, scales, zeros).to(dtype)`."""
+    out_features, in_features = qweight.shape[0], 2 * qweight.shape[1]
+    groups = in_features // group_size
+    out = torch.empty(out_features, in_features, dtype=scales.dtype, device=scales.device)
+    kernel = _kernels(os.environ.get("TRITON_INTERPRET"))[2]
+    kernel[(-(-out_features // DEQUANTIZE_BLOCK_N), groups)](qweight, scales, zeros, out, out_features, in_features,
+                                                            qweight.stride(0), groups, GROUP=group_size,
+                                                            BLOCK_N=DEQUANTIZE_BLOCK_N)
+    return out
+
+
+def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """`x @ dequant(W)^T + bias` for `x` [..., in]: the few-rows product up to `MAX_PRODUCT_ROWS` rows, else the
+    dequantized weight through `F.linear` (cuBLAS)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[0] > MAX_PRODUCT_ROWS:
+        return F.linear(x, dequantize(qweight, scales, zeros, group_size), bias)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    return quantized_product(x2d, qweight, scales, zeros, bias, group_size).reshape(*x.shape[:-1], -1)
+
+
+def takes(x: torch.Tensor, scales: torch.Tensor, group_size: int) -> bool:
+    """Whether the kernels serve a layer with these `scales` and `group_size` on the input `x`: bf16/fp16 on
+    CUDA, x of the layer's dtype, groups of a power of two from 32 (tensor-core steps of at least 16 pairs),
+    and a probe on the device that passes."""
+    return (x.is_cuda and scales.dtype in (torch.float16, torch.bfloat16) and x.dtype == scales.dtype
+            and group_size >= 32 and group_size & (group_size - 1) == 0 and kernels_work(x.device, x.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_work(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether triton is there, the kernels build on `device` and agree with the product of the dequantized weight
+    (in float32): probed once, with a warning if not (the layers then dequantize their weight for each product)."""
+    from torch.utils._triton import has_triton
+
+    from .packing import pack_codes  # `packing` imports this module
+
+    if not has_triton():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    out_features, in_features, group_size = 40, 256, 64
+    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=generator)
+    zeros = torch.randint(0, 16, (out_features, in_features // group_size), dtype=torch.uint8, generator=generator)
+    scales = (torch.rand(out_features, in_features // group_size, generator=generator) / 64).to(dtype)
+    x = torch.randn(20, in_features, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype)
+    weight = dequantize_groups(codes, scales, zeros)
+    qweight, zeros, scales, x_on_device, bias_on_device = (t.to(device) for t in (pack_codes(codes), zeros, scales,
+                                                                                   x, bias))
+    rows = (1, 3, 20)  # the one-row and tensor-core products, and dequantizing for cuBLAS
+    return compilation.agrees_or_warns(
+        lambda: torch.cat([dequantize(qweight, scales, zeros, group_size).cpu()] + [quantized_linear(
+            x_on_device[:r], qweight, scales, zeros, bias_on_device, group_size).cpu().t() for r in rows], dim=1),
+        lambda: torch.cat([weight.to(dtype)] + [(x[:r].float() @ weight.t() + bias.float()).t() for r in rows], dim=1),
+        2e-2, "the int4 triton kernels", "the dequantized product", "quantized layers dequantize their weight for "
+        "each product", device)
