@@ -6,12 +6,11 @@ shapes, inside a CUDA graph, and a graphed decoding against the same decoding th
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 from conftest import image_inputs
-from test_static_decoding import QUESTIONS, greedy
+from test_static_decoding import QUESTIONS, assert_path_decodes_like_without
 from triton_interpreter import in_a_child_process, interpreted
 
 import vlmcompress
@@ -136,17 +135,6 @@ def test_on_cuda_graphed_decoding_with_split_kv_attention_decodes_like_sdpa(tiny
     inputs = image_inputs(processors[arch], QUESTIONS).to("cuda")
     model = vlmcompress.load(tiny_dirs[arch], kv="snapkv", kv_budget=0.3, window_size=4, dtype=torch.float16,
                              cuda_graphs=True, device_map="cuda")
-    calls = []
-    original = split_kv.split_kv_attention
-    monkeypatch.setattr(split_kv, "split_kv_attention", lambda *args, **kwargs: calls.append(1) or original(
-        *args, **kwargs))
-    ours = greedy(model, inputs)
-    assert calls  # the eager first step and the capture
-    model.compression = dataclasses.replace(model.compression, decoding=DecodingOptions(split_kv=False))
-    calls.clear()
-    reference = greedy(model, inputs)
-    assert not calls
-    assert torch.equal(ours.sequences, reference.sequences)
-    for a, b in zip(ours.scores, reference.scores):
-        finite = torch.isfinite(b)
-        torch.testing.assert_close(a[finite].float(), b[finite].float(), rtol=2e-2, atol=2e-2)
+    # called at the eager first step and in the capture
+    assert_path_decodes_like_without(model, inputs, monkeypatch, split_kv, "split_kv_attention",
+                                     DecodingOptions(split_kv=False))

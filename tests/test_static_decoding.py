@@ -38,6 +38,23 @@ def greedy(model, inputs, **kwargs):
                           output_scores=True, return_dict_in_generate=True, **kwargs)
 
 
+def assert_path_decodes_like_without(model, inputs, monkeypatch, owner, name: str, without) -> None:
+    """Greedy decoding through `owner.name` (called, counted) equals decoding with the decoding options
+    `without` (which take it out: not called), tokens and finite scores within bf16/fp16 rounding."""
+    calls, original = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    ours = greedy(model, inputs)
+    assert calls
+    model.compression = dataclasses.replace(model.compression, decoding=without)
+    calls.clear()
+    reference = greedy(model, inputs)
+    assert not calls
+    assert torch.equal(ours.sequences, reference.sequences)
+    for a, b in zip(ours.scores, reference.scores):
+        finite = torch.isfinite(b)
+        torch.testing.assert_close(a[finite].float(), b[finite].float(), rtol=2e-2, atol=2e-2)
+
+
 def assert_same_decoding(ours, reference):
     assert torch.equal(ours.sequences, reference.sequences)
     for step, (a, b) in enumerate(zip(ours.scores, reference.scores)):
