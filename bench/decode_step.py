@@ -15,6 +15,10 @@ per decoding step, medians in milliseconds:
                   `generate` runs outside the graph (embedding, `lm_head`, logits processing) plus idle
   host_outside_ms host time from our step's return to the next step's call (includes waiting for the
                   device where the loop synchronises)
+  period_ms       host time from one step's call to the next one's: the pace of the steps themselves
+  fixed_ms        what a `generate` of `--new-tokens` tokens costs beyond a one-token `generate` and its
+                  steps at that pace (loading the prompt into static buffers, the first step, the cache
+                  handed back at the end), in total; step_ms ≈ period_ms + fixed_ms / (new tokens - 1)
   floor_ms        (LLM weights + mean KV read) / HBM bandwidth, as in bench.py
 CUDA only.
 """
@@ -80,8 +84,10 @@ class StepRecorder:
         inside = [enter.elapsed_time(leave) for enter, leave in steps]
         host_outside = [(b[0] - a[1]) * 1e3 for a, b in zip(self.host[1:], self.host[2:])]
         host_inside = [(leave - enter) * 1e3 for enter, leave in self.host[1:]]
+        period = [(b[0] - a[0]) * 1e3 for a, b in zip(self.host[1:], self.host[2:])]
         return {"inside_ms": statistics.median(inside), "outside_ms": statistics.median(outside),
-                "host_outside_ms": statistics.median(host_outside), "host_inside_ms": statistics.median(host_inside)}
+                "host_outside_ms": statistics.median(host_outside), "host_inside_ms": statistics.median(host_inside),
+                "period_ms": statistics.median(period)}
 
     def replay(self, replays: int = 50) -> dict:
         """The kept graph replayed back to back: milliseconds per replay, and its kernels by kind."""
@@ -170,6 +176,7 @@ def main(argv=None) -> list[dict]:
                "stop_check": stop_check, "compile": compiled, "fuse": fused, "split_kv": split,
                "step_ms": (total - first) / (args.new_tokens - 1) * 1e3,
                **recorder.split(), **recorder.replay()}
+        row["fixed_ms"] = (total - first) * 1e3 - (args.new_tokens - 1) * row["period_ms"]
         row["kv_bytes"] = model.compression_stats["kv_bytes"]
         floor = decode_floor(model, row, args.new_tokens, bandwidth)
         row["floor_ms"] = floor * 1e3 if floor else None
