@@ -89,8 +89,10 @@ def candidate_configs(rows: int) -> list[ProductConfig]:
            for block_k in (64, 128) for warps, stages in ((4, 2), (4, 4))]
     if rows > 1:
         return dot
-    one_row = [ProductConfig(1, block_n, block_k, warps)
-               for block_n in (8, 16, 32, 64) for block_k in (128, 256, 512) for warps in (4, 8)]
+    # at one row the loads in flight, out_features x block_k / 2 bytes a step over the whole grid, are what
+    # bounds the bandwidth: longer steps, and stages that issue the next steps' loads early, raise them
+    one_row = [ProductConfig(1, block_n, block_k, warps, stages) for block_n in (8, 16, 32)
+               for block_k in (256, 512) for warps in (4, 8) for stages in (1, 3)]
     return one_row + dot
 
 
