@@ -1,15 +1,16 @@
 """Triton kernels for `QuantizedLinear` on CUDA, reading the stored layout (`packing`) as it is: no repacking.
 
-A product with few rows (decoding; at most `MAX_PRODUCT_ROWS`) is bound by reading the packed weight. One
-program computes a block of output columns over the whole input: it walks the input a step of `block_k` columns
-at a time, splits each packed byte into its two codes (high nibble: even column, low nibble: odd column) and
-multiplies the codes with the input's even and odd columns. The zero point and scale are applied once per
-group on the sums, `s · (Σ q·x − z · Σ x)`, rather than on every weight; no atomics, no workspace, so it replays
-inside CUDA graphs. With one row the products are elementwise in float32 and summed (`product_one_row`); with
-2-16 rows the rows are padded to 16 and the codes go to the tensor cores (`product_few_rows`). Both accumulate
-in float32, and read a code as a float from its bits, with no conversion instruction: 0x4B000000 | q is the
-float32 2^23 + q (less 2^23 at once), 0x4300 | q the bf16 128 + q and 0x6400 | q the fp16 1024 + q (these
-offsets are subtracted with the zero point, after the tensor-core sums).
+A product with few rows (decoding; at most `MAX_PRODUCT_ROWS`) is bound by reading the packed weight. One program
+computes a block of output columns over the whole input: it walks the input a step of `block_k` columns at a time,
+splits each packed byte into its two codes (high nibble: even column, low nibble: odd column) and multiplies the
+codes with the input's even and odd columns. The zero point and scale are applied once per group on the sums, `s ·
+(Σ q·x − z · Σ x)`, rather than on every weight; it allocates only its output, so it replays inside CUDA graphs. A
+one-row launch may split the input over several programs per block of outputs (`split_k`: one product, no memset;
+the last program to finish adds the shares up, `split_sums`). With one row the products are elementwise in float32
+and summed (`product_one_row`); with 2-16 rows the rows are padded to 16 and the codes go to the tensor cores
+(`product_few_rows`). Both accumulate in float32, and read a code as a float from its bits, with no conversion
+instruction: 0x4B000000 | q is the float32 2^23 + q (less 2^23 at once), 0x4300 | q the bf16 128 + q and 0x6400 | q
+the fp16 1024 + q (these offsets are subtracted with the zero point, after the tensor-core sums).
 
 With more rows (prefill) the product is bound by arithmetic, which cuBLAS does best: `dequantize` writes the
 weight in the model's dtype, bit for bit `dequantize_groups(...).to(dtype)`, for one `F.linear`.
@@ -41,13 +42,16 @@ DEQUANTIZE_BLOCK_N = 64  # output rows one `dequantize` program writes (by one g
 class ProductConfig:
     """A launch of the few-rows product: `block_m` 1 runs `product_one_row` (one input row), 16
     `product_few_rows` (up to 16 rows, tensor cores); each program computes `block_n` outputs, `block_k` input
-    columns a step (for `product_few_rows` at most one group)."""
+    columns a step (for `product_few_rows` at most one group). `split_k` (one row only, a power of two) splits
+    the input's steps over that many programs per block of outputs, whose sums the last of them to finish adds
+    up (`split_sums`): more loads in flight where the outputs are few."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 1
+    split_k: int = 1
 
     def fitted(self, in_features: int, group_size: int) -> "ProductConfig":
         """This launch with a step that the input and its groups take: within one group for the tensor-core
@@ -55,6 +59,8 @@ class ProductConfig:
         block_k = min(self.block_k, group_size) if self.block_m > 1 else self.block_k
         while in_features % block_k:  # halving ends at the group size at the latest, which divides the input
             block_k //= 2
+        if self.split_k < 1 or self.split_k & (self.split_k - 1) or (self.split_k > 1 and self.block_m > 1):
+            raise ValueError(f"split_k is a power of two, above 1 for one-row launches only: {self}")
         return dataclasses.replace(self, block_k=block_k)
 
 
@@ -93,7 +99,9 @@ def candidate_configs(rows: int) -> list[ProductConfig]:
     # bounds the bandwidth: longer steps, and stages that issue the next steps' loads early, raise them
     one_row = [ProductConfig(1, block_n, block_k, warps, stages) for block_n in (8, 16, 32)
                for block_k in (256, 512) for warps in (4, 8) for stages in (1, 3)]
-    return one_row + dot
+    split = [ProductConfig(1, block_n, block_k, 4, 1, split_k) for block_n in (16, 32) for block_k in (256, 512)
+             for split_k in (2, 4, 8)]
+    return one_row + split + dot
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,16 +112,22 @@ def _kernels(interpret: str | None):
     import triton.language as tl
 
     @triton.jit
-    def product_one_row(X, QW, S, Z, BIAS, OUT, N, K, row_bytes, groups, HAS_BIAS: tl.constexpr,
-                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, PART: tl.constexpr):
+    def product_one_row(X, QW, S, Z, BIAS, OUT, SUMS, ARRIVED, N, K, row_bytes, groups, HAS_BIAS: tl.constexpr,
+                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, PART: tl.constexpr,
+                        SPLIT_K: tl.constexpr):
         """OUT[n] = Σ_k X[k] (q[n, k] − z) s (+ BIAS[n]); a step reads PARTS × PART columns, each part inside
-        one group (so PART = min(step, group)): a [BLOCK_N, PARTS, PART / 2] tile of bytes."""
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        one group (so PART = min(step, group)): a [BLOCK_N, PARTS, PART / 2] tile of bytes. With SPLIT_K > 1,
+        program (i, j) sums the j-th share of the steps into SUMS[j] and counts itself in ARRIVED[i]; the last
+        to arrive adds the shares up, writes OUT and sets the count back to 0 for the next product."""
+        block = tl.program_id(0)
+        n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         live = n < N
         part, pair = tl.arange(0, PARTS)[:, None], tl.arange(0, PART // 2)[None, :]
         rows = QW + n.to(tl.int64)[:, None, None] * row_bytes
         acc = tl.zeros([BLOCK_N], tl.float32)
-        for start in range(0, K, PARTS * PART):
+        share = tl.cdiv(K // (PARTS * PART), SPLIT_K) * (PARTS * PART)  # columns a program sums
+        begin = tl.program_id(1) * share
+        for start in range(begin, tl.minimum(begin + share, K), PARTS * PART):
             packed = tl.load(rows + (start // 2 + part * (PART // 2) + pair)[None, :, :], mask=live[:, None, None],
                              other=0)
             x = tl.load(X + start + part * PART + tl.arange(0, PART)[None, :]).to(tl.float32)
@@ -127,9 +141,21 @@ def _kernels(interpret: str | None):
             zero = tl.load(Z + at, mask=live[:, None], other=0).to(tl.float32)
             x_sum = tl.sum(x, axis=1)
             acc += tl.sum(scale * (codes_x - zero * x_sum[None, :]), axis=1)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + n, mask=live, other=0).to(tl.float32)
-        tl.store(OUT + n, acc.to(OUT.dtype.element_ty), mask=live)
+        if SPLIT_K > 1:
+            tl.store(SUMS + tl.program_id(1) * N + n, acc, mask=live)
+            # acq_rel: the share stored above is visible to whoever arrives last, and it sees every other one
+            if tl.atomic_add(ARRIVED + block, 1, sem="acq_rel") == SPLIT_K - 1:
+                shares = tl.load(SUMS + tl.arange(0, SPLIT_K)[:, None] * N + n[None, :], mask=live[None, :],
+                                 other=0.0, cache_modifier=".cg")  # from L2: other programs wrote them
+                acc = tl.sum(shares, axis=0)
+                if HAS_BIAS:
+                    acc += tl.load(BIAS + n, mask=live, other=0).to(tl.float32)
+                tl.store(OUT + n, acc.to(OUT.dtype.element_ty), mask=live)
+                tl.atomic_xchg(ARRIVED + block, 0)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(BIAS + n, mask=live, other=0).to(tl.float32)
+            tl.store(OUT + n, acc.to(OUT.dtype.element_ty), mask=live)
 
     @triton.jit
     def product_few_rows(X, QW, S, Z, BIAS, OUT, M, N, K, row_bytes, groups, stride_x, stride_out,
@@ -230,12 +256,34 @@ def quantized_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
               "num_stages": config.num_stages}
     if config.block_m == 1:
         part = min(config.block_k, group_size)
-        product_one_row[grid](*shared, *widths, PARTS=config.block_k // part, PART=part, **launch)
+        split = split_sums(x.device, out_features, config.split_k, grid[0]) if config.split_k > 1 else None
+        sums, arrived = split or (out, out)  # without a split they are not read
+        product_one_row[(grid[0], config.split_k if split else 1)](
+            *shared, sums, arrived, *widths, PARTS=config.block_k // part, PART=part,
+            SPLIT_K=config.split_k if split else 1, **launch)
     else:
         dot_dtype, code_offset = _dot_dtype(x.dtype)
         product_few_rows[grid](*shared, rows, *widths, x.stride(0), out.stride(0), BLOCK_M=config.block_m,
                                BLOCK_K=config.block_k, DOT_DTYPE=dot_dtype, CODE_OFFSET=code_offset, **launch)
     return out
+
+
+_split_sums: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_sums(device: torch.device, out_features: int, split_k: int, blocks: int):
+    """The buffers of a split one-row product, kept per device and shape: the shares' sums (float32 `[split_k,
+    out_features]`) and each block's arrival count (int32 `[blocks]`, back at 0 after every product). They are
+    made outside CUDA-graph capture (at the first, eager, product of a shape), so that a captured product reads
+    buffers that outlive its graph; None for a product captured before its shape has them, which then runs
+    unsplit. A few MB at most: kept for the process."""
+    key = (device, out_features, split_k, blocks)
+    if key not in _split_sums:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _split_sums[key] = (torch.empty(split_k, out_features, dtype=torch.float32, device=device),
+                            torch.zeros(blocks, dtype=torch.int32, device=device))
+    return _split_sums[key]
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
