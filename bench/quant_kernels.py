@@ -5,7 +5,7 @@
 The four products of a decoder layer (hidden 3584, intermediate 18944, 28 heads and 4 KV heads of 128): the fused
 q/k/v (3584 -> 4608), o_proj (3584 -> 3584), the fused gate/up (3584 -> 37888) and down_proj (18944 -> 3584), with
 random 4-bit codes in groups of 128 and bf16 scales (`vlmcompress.quantization`'s stored form). At decoding's
-rows (`--decode-rows`, 1, 8 and 16) it times bf16 `F.linear` (cuBLAS), tinygemm (`aten._weight_int4pack_mm`:
+rows (`--decode-rows`, 1, 8, 16 and 32) it times bf16 `F.linear` (cuBLAS), tinygemm (`aten._weight_int4pack_mm`:
 `QuantizedLinear`s with `cuda_kernel = "tinygemm"`, their codes repacked into its layout) and vlmcompress's
 few-rows triton product (`kernels.quantized_product`, with `product_config`'s launch); at prefill's rows
 (`--prefill-rows`, 680 and 2408: the prompts of a 672-px image and of a hires one, docs/benchmarks.md) bf16
@@ -121,7 +121,7 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--decode-rows", default="1,8,16")
+    parser.add_argument("--decode-rows", default="1,8,16,32")
     parser.add_argument("--prefill-rows", default="680,2408")
     parser.add_argument("--tune-rows", default="1,8", help="rows at which every candidate launch is timed ('': none)")
     parser.add_argument("--shapes", default=",".join(name for name, _, _ in SHAPES))

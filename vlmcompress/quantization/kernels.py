@@ -7,10 +7,10 @@ codes with the input's even and odd columns. The zero point and scale are applie
 (Σ q·x − z · Σ x)`, rather than on every weight; it allocates only its output, so it replays inside CUDA graphs. A
 one-row launch may split the input over several programs per block of outputs (`split_k`: one product, no memset;
 the last program to finish adds the shares up, `split_sums`). With one row the products are elementwise in float32
-and summed (`product_one_row`); with 2-16 rows the rows are padded to 16 and the codes go to the tensor cores
-(`product_few_rows`). Both accumulate in float32, and read a code as a float from its bits, with no conversion
-instruction: 0x4B000000 | q is the float32 2^23 + q (less 2^23 at once), 0x4300 | q the bf16 128 + q and 0x6400 | q
-the fp16 1024 + q (these offsets are subtracted with the zero point, after the tensor-core sums).
+and summed (`product_one_row`); with 2-64 rows the rows go 16 at a time (the last block padded) with the codes to
+the tensor cores (`product_few_rows`). Both accumulate in float32, and read a code as a float from its bits, with
+no conversion instruction: 0x4B000000 | q is the float32 2^23 + q (less 2^23 at once), 0x4300 | q the bf16 128 + q
+and 0x6400 | q the fp16 1024 + q (these offsets are subtracted with the zero point, after the tensor-core sums).
 
 With more rows (prefill) the product is bound by arithmetic, which cuBLAS does best: `dequantize` writes the
 weight in the model's dtype, bit for bit `dequantize_groups(...).to(dtype)`, for one `F.linear`.
@@ -33,18 +33,20 @@ import torch.nn.functional as F
 from .. import compilation
 from .base import dequantize_groups
 
-MAX_PRODUCT_ROWS = 16  # rows up to which `quantized_linear` runs the few-rows product; above it, dequantize + cuBLAS
-DOT_ROWS = 16  # tl.dot takes at least 16 rows: `product_few_rows` pads the input's rows to this
+# rows up to which `quantized_linear` runs the few-rows product (decoding, up to batch 64); above it, dequantize +
+# cuBLAS, whose writing and reading of the whole weight in the model's dtype a prompt's many rows pay back
+MAX_PRODUCT_ROWS = 64
+DOT_ROWS = 16  # tl.dot takes at least 16 rows: `product_few_rows` takes the input's rows 16 at a time
 DEQUANTIZE_BLOCK_N = 64  # output rows one `dequantize` program writes (by one group's columns)
 
 
 @dataclasses.dataclass(frozen=True)
 class ProductConfig:
-    """A launch of the few-rows product: `block_m` 1 runs `product_one_row` (one input row), 16
-    `product_few_rows` (up to 16 rows, tensor cores); each program computes `block_n` outputs, `block_k` input
-    columns a step (for `product_few_rows` at most one group). `split_k` (one row only, a power of two) splits
-    the input's steps over that many programs per block of outputs, whose sums the last of them to finish adds
-    up (`split_sums`): more loads in flight where the outputs are few."""
+    """A launch of the few-rows product: `block_m` 1 runs `product_one_row` (one input row), 16 `product_few_rows`
+    (any rows, 16 at a time on the tensor cores); each program computes `block_n` outputs, `block_k` input columns
+    a step (for `product_few_rows` at most one group). `split_k` (one row only, a power of two) splits the input's
+    steps over that many programs per block of outputs, whose sums the last of them to finish adds up
+    (`split_sums`): more loads in flight where the outputs are few."""
 
     block_m: int
     block_n: int
@@ -82,8 +84,8 @@ FEW_ROWS_LAUNCHES = [
 
 
 def product_config(rows: int, out_features: int, in_features: int) -> ProductConfig:
-    """The launch of a product of `rows` ≤ 16 rows with a `[out_features, in_features]` weight, from the tables
-    above (one row, or 2-16)."""
+    """The launch of a product of `rows` rows (at most `MAX_PRODUCT_ROWS`) with a `[out_features, in_features]`
+    weight, from the tables above (one row, or more)."""
     table = ONE_ROW_LAUNCHES if rows == 1 else FEW_ROWS_LAUNCHES
     return next(launch for most_out, least_in, launch in table if out_features <= most_out and in_features >= least_in)
 
@@ -161,12 +163,13 @@ def _kernels(interpret: str | None):
     def product_few_rows(X, QW, S, Z, BIAS, OUT, M, N, K, row_bytes, groups, stride_x, stride_out,
                          HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, CODE_OFFSET: tl.constexpr):
-        """OUT[m, n] = Σ_k X[m, k] (q[n, k] − z) s (+ BIAS[n]) for M ≤ BLOCK_M rows (padded with zeros): per step
-        of BLOCK_K ≤ GROUP columns, two tensor-core products of the even and odd input columns with the
-        [BLOCK_K / 2, BLOCK_N] high and low codes (CODE_OFFSET + q in DOT_DTYPE), then the group's zero point
-        and that offset, and its scale."""
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, BLOCK_M)
+        """OUT[m, n] = Σ_k X[m, k] (q[n, k] − z) s (+ BIAS[n]) for BLOCK_M rows (the last block padded with
+        zeros): per step of BLOCK_K ≤ GROUP columns, two tensor-core products of the even and odd input columns
+        with the [BLOCK_K / 2, BLOCK_N] high and low codes (CODE_OFFSET + q in DOT_DTYPE), then the group's zero
+        point and that offset, and its scale. The blocks of rows are the grid's first dimension, so the programs
+        reading one block of codes run side by side and read it from L2 after the first."""
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         live_n, live_m = n < N, m < M
         columns = QW + n.to(tl.int64)[None, :] * row_bytes  # the codes read transposed: [bytes, outputs]
         rows = X + m[:, None] * stride_x
@@ -238,17 +241,17 @@ def _dot_dtype(dtype: torch.dtype):
 
 def quantized_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       bias: torch.Tensor | None, group_size: int, config: ProductConfig | None = None) -> torch.Tensor:
-    """`x` [rows, in] (rows ≤ 16, contiguous) times the weight held as `qweight` [out, in/2], `scales` and
+    """`x` [rows, in] (contiguous) times the weight held as `qweight` [out, in/2], `scales` and
     `zeros` [out, in/group] (`packing`'s stored form), plus `bias`: [rows, out] in x's dtype, summed in float32.
     `config`: a launch (`product_config(...)` by default)."""
     rows, in_features = x.shape
     out_features = qweight.shape[0]
     config = (config or product_config(rows, out_features, in_features)).fitted(in_features, group_size)
-    if rows > config.block_m:
-        raise ValueError(f"a launch with block_m={config.block_m} takes at most that many rows, not {rows}")
+    if rows > 1 and config.block_m == 1:
+        raise ValueError(f"a one-row launch takes one row, not {rows}")
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     product_one_row, product_few_rows, _ = _kernels(os.environ.get("TRITON_INTERPRET"))
-    grid = (-(-out_features // config.block_n),)
+    blocks = -(-out_features // config.block_n)
     has_bias = bias is not None
     shared = (x, qweight, scales, zeros, bias if has_bias else scales, out)  # the bias is not read without one
     widths = (out_features, in_features, qweight.stride(0), in_features // group_size)
@@ -256,15 +259,16 @@ def quantized_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
               "num_stages": config.num_stages}
     if config.block_m == 1:
         part = min(config.block_k, group_size)
-        split = split_sums(x.device, out_features, config.split_k, grid[0]) if config.split_k > 1 else None
+        split = split_sums(x.device, out_features, config.split_k, blocks) if config.split_k > 1 else None
         sums, arrived = split or (out, out)  # without a split they are not read
-        product_one_row[(grid[0], config.split_k if split else 1)](
+        product_one_row[(blocks, config.split_k if split else 1)](
             *shared, sums, arrived, *widths, PARTS=config.block_k // part, PART=part,
             SPLIT_K=config.split_k if split else 1, **launch)
     else:
         dot_dtype, code_offset = _dot_dtype(x.dtype)
-        product_few_rows[grid](*shared, rows, *widths, x.stride(0), out.stride(0), BLOCK_M=config.block_m,
-                               BLOCK_K=config.block_k, DOT_DTYPE=dot_dtype, CODE_OFFSET=code_offset, **launch)
+        product_few_rows[(-(-rows // config.block_m), blocks)](
+            *shared, rows, *widths, x.stride(0), out.stride(0), BLOCK_M=config.block_m, BLOCK_K=config.block_k,
+            DOT_DTYPE=dot_dtype, CODE_OFFSET=code_offset, **launch)
     return out
 
 

@@ -15,7 +15,7 @@ Products. On CUDA, by default, PyTorch's tinygemm (`torch.ops.aten._weight_int4p
 scale` from codes repacked into their layout on the first product, in place of `qweight` (no second copy is kept);
 `state_dict` and moving the module to another device turn them back into the stored form exactly.
 `QuantizedLinear.cuda_kernel = "triton"` (the class, or one layer) puts CUDA bfloat16 and float16 layers on our
-triton kernels (`kernels`) instead, which read the stored form as it is: a product with up to 16 rows (decoding)
+triton kernels (`kernels`) instead, which read the stored form as it is: a product with up to 64 rows (decoding)
 in one kernel, more rows (prefill) by dequantizing the weight for cuBLAS. They are not the default until they are
 timed on a GPU against tinygemm (`bench/quant.py --kernels triton,tinygemm`). Where no kernel takes the layer
 (float32, float16 without the triton kernels, widths the kernels do not tile), the weight is dequantized for each
