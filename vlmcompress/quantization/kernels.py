@@ -132,8 +132,9 @@ def _kernels(interpret: str | None):
         for start in range(begin, tl.minimum(begin + share, K), PARTS * PART):
             packed = tl.load(rows + (start // 2 + part * (PART // 2) + pair)[None, :, :], mask=live[:, None, None],
                              other=0)
-            x = tl.load(X + start + part * PART + tl.arange(0, PART)[None, :]).to(tl.float32)
-            x_even, x_odd = tl.split(tl.reshape(x, [PARTS, PART // 2, 2]))
+            # the input's even and odd columns, read apart: no reshuffling of a loaded tile between threads
+            even = X + start + part * PART + 2 * pair
+            x_even, x_odd = tl.load(even).to(tl.float32), tl.load(even + 1).to(tl.float32)
             # a code q as a float from its bits, with no conversion instruction: 0x4B000000 | q is 2^23 + q
             high = ((packed >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             low = ((packed & 15).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -141,7 +142,7 @@ def _kernels(interpret: str | None):
             at = n[:, None] * groups + (start + tl.arange(0, PARTS) * PART)[None, :] // GROUP
             scale = tl.load(S + at, mask=live[:, None], other=0).to(tl.float32)
             zero = tl.load(Z + at, mask=live[:, None], other=0).to(tl.float32)
-            x_sum = tl.sum(x, axis=1)
+            x_sum = tl.sum(x_even + x_odd, axis=1)
             acc += tl.sum(scale * (codes_x - zero * x_sum[None, :]), axis=1)
         if SPLIT_K > 1:
             tl.store(SUMS + tl.program_id(1) * N + n, acc, mask=live)
@@ -177,8 +178,9 @@ def _kernels(interpret: str | None):
         for start in range(0, K, BLOCK_K):
             packed = tl.load(columns + (start // 2 + tl.arange(0, BLOCK_K // 2))[:, None], mask=live_n[None, :],
                              other=0)
-            x = tl.load(rows + start + tl.arange(0, BLOCK_K)[None, :], mask=live_m[:, None], other=0)
-            x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
+            even = rows + start + 2 * tl.arange(0, BLOCK_K // 2)[None, :]
+            x_even = tl.load(even, mask=live_m[:, None], other=0)
+            x_odd = tl.load(even + 1, mask=live_m[:, None], other=0)
             high, low = packed >> 4, packed & 15
             if DOT_DTYPE == tl.bfloat16:  # CODE_OFFSET + q from the bits: 0x4300 | q is 128 + q
                 high = (high.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
@@ -193,7 +195,7 @@ def _kernels(interpret: str | None):
             at = n * groups + start // GROUP
             scale = tl.load(S + at, mask=live_n, other=0).to(tl.float32)
             zero = tl.load(Z + at, mask=live_n, other=0).to(tl.float32) + CODE_OFFSET
-            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
             acc += scale[None, :] * (codes_x - zero[None, :] * x_sum[:, None])
         if HAS_BIAS:
             acc += tl.load(BIAS + n, mask=live_n, other=0).to(tl.float32)[None, :]
