@@ -18,9 +18,9 @@ The Linears that read the same input, an attention's q/k/v projections and a gat
 one matrix product each (`FusedProducts`): at decoding's few rows a product is bound by reading its weights,
 and one long product reads them faster than several short ones. For that their weights (and biases) are
 moved, once, into one buffer of which each Linear keeps a view (`fuse_linears`): no second copy is held.
-Quantized layers that read their stored form (`QuantizedLinear` on CUDA, or dequantizing) are fused the same
-way, their codes, scales and zeros each in one buffer (`fuse_quantized_linears`), unless AWQ gave each its own
-input scale.
+Quantized layers that read their stored form (`QuantizedLinear` on the triton kernels, or dequantizing) are fused
+the same way, their codes, scales and zeros each in one buffer (`fuse_quantized_linears`), unless AWQ gave each its
+own input scale.
 """
 
 from __future__ import annotations
