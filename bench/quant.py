@@ -13,7 +13,8 @@ each weights kind and kernel, batch size and path (`eager`: transformers' decodi
 timed pairs, medians reported:
   generate_s     one `generate` of `--new-tokens` tokens
   ttft_s         one `generate` of one token
-  decode_tok_s   batch x (new tokens - 1) / (generate_s - ttft_s)
+  decode_tok_s   batch x (new tokens - 1) / the median over prompts of a prompt's generate_s - ttft_s (timed
+                 back to back)
   linear_gb      bytes held by the language model's Linear weights (codes, scales and zeros when quantized)
 and each quantized row's `speedup` (its decode_tok_s over the bf16 row of the same batch and path).
 `--toy DIR` runs the same code on a tiny CPU checkpoint (a smoke test of the script; timings mean nothing).
@@ -63,13 +64,13 @@ def generator(model, path: str, budget: float):
 def measure(model, prompts, path, args, device) -> dict:
     generate = generator(model, path, args.budget)
     generate(prompts[0], args.new_tokens), generate(prompts[0], 1)  # capture / compile at these shapes
-    calls, ttfts = [], []
-    for inputs in prompts[1:]:
-        calls.append(timed(functools.partial(generate, inputs, args.new_tokens), device)[0])
-        ttfts.append(timed(functools.partial(generate, inputs, 1), device)[0])
-    call, ttft = statistics.median(calls), statistics.median(ttfts)
+    pairs = [(timed(functools.partial(generate, inputs, args.new_tokens), device)[0],
+              timed(functools.partial(generate, inputs, 1), device)[0]) for inputs in prompts[1:]]
+    decoding = statistics.median(call - ttft for call, ttft in pairs)
     batch = prompts[0]["input_ids"].shape[0]
-    return {"generate_s": call, "ttft_s": ttft, "decode_tok_s": batch * (args.new_tokens - 1) / max(call - ttft, 1e-9),
+    return {"generate_s": statistics.median(call for call, _ in pairs),
+            "ttft_s": statistics.median(ttft for _, ttft in pairs),
+            "decode_tok_s": batch * (args.new_tokens - 1) / max(decoding, 1e-9),
             "prompt_tokens": prompts[0]["input_ids"].shape[1]}
 
 
