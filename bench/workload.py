@@ -9,7 +9,8 @@ the same with `cache_implementation="static"`, whose decoding step transformers 
 name is a `bench.py` method (`none`, `snapkv`, `h2o`, `visionzip`, `visionzip+snapkv`, ...) through
 `vlmcompress` with `cuda_graphs=True` (KV budget `--budget`, pruning budget 0.25). For each batch size and path,
 one `generate` at the timed shapes runs first (it compiles or captures what the path compiles or captures),
-then `--prompts` different prompts are timed, each on its own, medians reported:
+then `--prompts` different prompts are timed, each on its own (`--rounds R`: the paths R times, every other round
+in reverse order, since a path's place in the order moves its times), medians reported:
   generate_s     one `generate` of `--new-tokens` tokens (what an evaluation pays per batch of questions)
   ttft_s         one `generate` of one token
   decode_tok_s   batch x (new tokens - 1) / the median over prompts of a prompt's generate_s - ttft_s (the two
@@ -76,9 +77,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--budget", type=float, default=0.1, help="KV budget of the vlmcompress paths")
     parser.add_argument("--hires", type=int, default=1344, help="side of the prompt's image, pixels")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every path this many times, every other round in reverse order; each figure is "
+                             "the median over all of a path's prompts")
     parser.add_argument("--toy", default=None, help="a tiny checkpoint folder: run on the CPU at toy size")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     device, command, machine = announce_run("workload.py", argv, args.toy)
     model, processor = build_model(args.model, device, args.toy)
     upstream = upstream_copy(model)
@@ -87,15 +93,21 @@ def main(argv=None) -> list[dict]:
         side = args.hires if not args.toy else TOY_IMAGE_SIDE
         prompts = [make_inputs(processor, "hires", batch, side, first_image=k * batch).to(device)
                    for k in range(args.prompts + 1)]
-        for path in args.paths.split(","):
-            generate = generator(path, model, upstream, args.budget)
-            generate(prompts[0], args.new_tokens), generate(prompts[0], 1)  # compile / capture at these shapes
-            # each prompt's answer and first token back to back: its decoding time is their difference
-            pairs = [(timed(functools.partial(generate, p, args.new_tokens), device)[0],
-                      timed(functools.partial(generate, p, 1), device)[0]) for p in prompts[1:]]
-            calls = [call for call, _ in pairs]
-            call, ttft = statistics.median(calls), statistics.median(ttft for _, ttft in pairs)
-            decoding = statistics.median(call - ttft for call, ttft in pairs)
+        paths = args.paths.split(",")
+        pairs = {path: [] for path in paths}
+        for round_index in range(args.rounds):
+            # every other round in reverse, so that no path is always timed first or after another
+            for path in paths[::1 if round_index % 2 == 0 else -1]:
+                generate = generator(path, model, upstream, args.budget)
+                # compile / capture at these shapes (again in later rounds: the model keeps a few graphs only)
+                generate(prompts[0], args.new_tokens), generate(prompts[0], 1)
+                # each prompt's answer and first token back to back: its decoding time is their difference
+                pairs[path] += [(timed(functools.partial(generate, p, args.new_tokens), device)[0],
+                                 timed(functools.partial(generate, p, 1), device)[0]) for p in prompts[1:]]
+        for path in paths:
+            calls = [call for call, _ in pairs[path]]
+            call, ttft = statistics.median(calls), statistics.median(ttft for _, ttft in pairs[path])
+            decoding = statistics.median(call - ttft for call, ttft in pairs[path])
             row = {"model": args.model, "batch": batch, "path": path, "new_tokens": args.new_tokens,
                    "prompt_tokens": prompts[0]["input_ids"].shape[1], "generate_s": call, "ttft_s": ttft,
                    "decode_tok_s": batch * (args.new_tokens - 1) / max(decoding, 1e-9),

@@ -163,6 +163,21 @@ def test_workload_benchmark_runs_at_toy_size(tiny_dirs, tmp_path):
     assert saved["command"].startswith("python bench/workload.py --toy") and saved["rows"] == rows
 
 
+def test_workload_rounds_time_every_path_in_both_orders(tiny_dirs, monkeypatch):
+    """`--rounds 2`: the paths once in order and once reversed, each row over both rounds' prompts."""
+    import workload
+
+    order, generator = [], workload.generator
+    monkeypatch.setattr(workload, "generator", lambda path, *args: order.append(path) or generator(path, *args))
+    rows = workload.main(["--toy", tiny_dirs["qwen2_vl"], "--model", "toy", "--batches", "1", "--prompts", "2",
+                          "--new-tokens", "3", "--paths", "transformers,none,snapkv", "--rounds", "2"])
+    assert order == ["transformers", "none", "snapkv", "snapkv", "none", "transformers"]
+    assert [r["path"] for r in rows] == ["transformers", "none", "snapkv"]
+    assert all(len(r["generate_s_each"]) == 4 for r in rows)
+    with pytest.raises(SystemExit):
+        workload.main(["--toy", tiny_dirs["qwen2_vl"], "--rounds", "0"])
+
+
 def test_quantization_benchmark_runs_at_toy_size(tiny_dirs, tmp_path):
     import quant
 
