@@ -263,9 +263,9 @@ def quantized_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         part = min(config.block_k, group_size)
         split = split_sums(x.device, out_features, config.split_k, blocks) if config.split_k > 1 else None
         sums, arrived = split or (out, out)  # without a split they are not read
-        product_one_row[(blocks, config.split_k if split else 1)](
-            *shared, sums, arrived, *widths, PARTS=config.block_k // part, PART=part,
-            SPLIT_K=config.split_k if split else 1, **launch)
+        split_k = config.split_k if split else 1
+        product_one_row[(blocks, split_k)](*shared, sums, arrived, *widths, PARTS=config.block_k // part, PART=part,
+                                           SPLIT_K=split_k, **launch)
     else:
         dot_dtype, code_offset = _dot_dtype(x.dtype)
         product_few_rows[(-(-rows // config.block_m), blocks)](
@@ -339,12 +339,12 @@ def kernels_work(device: torch.device, dtype: torch.dtype) -> bool:
     codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=generator)
     zeros = torch.randint(0, 16, (out_features, in_features // group_size), dtype=torch.uint8, generator=generator)
     scales = (torch.rand(out_features, in_features // group_size, generator=generator) / 64).to(dtype)
-    x = torch.randn(20, in_features, generator=generator).to(dtype)
+    x = torch.randn(MAX_PRODUCT_ROWS + 1, in_features, generator=generator).to(dtype)
     bias = torch.randn(out_features, generator=generator).to(dtype)
     weight = dequantize_groups(codes, scales, zeros)
     qweight, zeros, scales, x_on_device, bias_on_device = (t.to(device) for t in (pack_codes(codes), zeros, scales,
                                                                                    x, bias))
-    rows = (1, 3, 20)  # the one-row and tensor-core products, and dequantizing for cuBLAS
+    rows = (1, 3, MAX_PRODUCT_ROWS + 1)  # the one-row and tensor-core products, and dequantizing for cuBLAS
     return compilation.agrees_or_warns(
         lambda: torch.cat([dequantize(qweight, scales, zeros, group_size).cpu()] + [quantized_linear(
             x_on_device[:r], qweight, scales, zeros, bias_on_device, group_size).cpu().t() for r in rows], dim=1),
