@@ -6,7 +6,6 @@ shapes, inside a CUDA graph, and a graphed decoding against the same decoding th
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import image_inputs

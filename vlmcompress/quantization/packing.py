@@ -185,8 +185,6 @@ def fuse_quantized_linears(layers: list[QuantizedLinear]) -> QuantizedLinear | N
     """
     from ..decoding.step_kernels import fused_rows  # the decoding package imports this module
 
-    if not all(isinstance(layer, QuantizedLinear) for layer in layers):
-        return None
     first, out_features = layers[0], sum(layer.out_features for layer in layers)
     alike = {(layer.in_features, layer.group_size, layer.bits, layer.scales.dtype, layer.scales.device,
               layer.bias is None) for layer in layers}
