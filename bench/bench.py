@@ -26,6 +26,7 @@ checkpoints of `vlmcompress.testing`.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import platform
@@ -98,6 +99,29 @@ def timed(fn, device):
     result = fn()
     synchronize(device)
     return time.perf_counter() - start, result
+
+
+def round_order(items: list, round_index: int) -> list:
+    """`items` as given in even rounds and reversed in odd ones, so that none is always measured first or after
+    the same other (at batch 1 an item's place in the order moves its times by as much as some methods add)."""
+    return items[::1 if round_index % 2 == 0 else -1]
+
+
+def timed_answers(generate, prompts: list, new_tokens: int, device) -> list[tuple[float, float]]:
+    """Per prompt, `generate(prompt, new_tokens)` and `generate(prompt, 1)` timed back to back: their difference
+    is the prompt's decoding time."""
+    return [(timed(functools.partial(generate, prompt, new_tokens), device)[0],
+             timed(functools.partial(generate, prompt, 1), device)[0]) for prompt in prompts]
+
+
+def answer_figures(pairs: list[tuple[float, float]], batch: int, new_tokens: int) -> dict:
+    """From `timed_answers`' pairs: `generate_s` and `ttft_s`, medians over the prompts, and `decode_tok_s`,
+    batch x (new tokens - 1) over the median of each prompt's difference (drift between a prompt's two times
+    cancels, as it does not between two medians)."""
+    decoding = statistics.median(call - ttft for call, ttft in pairs)
+    return {"generate_s": statistics.median(call for call, _ in pairs),
+            "ttft_s": statistics.median(ttft for _, ttft in pairs),
+            "decode_tok_s": batch * (new_tokens - 1) / max(decoding, 1e-9)}
 
 
 def hbm_bandwidth(device) -> float | None:
@@ -317,12 +341,13 @@ def main(argv=None) -> list[dict]:
                     budget_list = own_budget or args.budgets
                     budgets = [None] if spec == "none" else [float(b) if "." in b else int(b) for b in budget_list.split(",")]
                     configurations += [{"model": name, "input": kind, "batch": batch, "method": spec, "budget": budget,
-                                        "decode": decode} for budget, decode in itertools.product(budgets, args.decode.split(","))]
+                                        "decode": decode}
+                                       for budget, decode in itertools.product(budgets, args.decode.split(","))]
                 measured = [[] for _ in configurations]  # each configuration's measurements, one a round
                 errors, group_rows = {}, []
                 for round_index in range(args.rounds):
                     # every other round in reverse, so that no method is always measured first or after another
-                    order = list(range(len(configurations)))[::1 if round_index % 2 == 0 else -1]
+                    order = round_order(list(range(len(configurations))), round_index)
                     for index in order:
                         if index in errors:
                             continue

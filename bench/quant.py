@@ -23,10 +23,8 @@ and each quantized row's `speedup` (its decode_tok_s over the bf16 row of the sa
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from bench import TOY_IMAGE_SIDE, announce_run, build_model, synchronize, timed  # noqa: E402
+from bench import TOY_IMAGE_SIDE, announce_run, answer_figures, build_model, synchronize, timed_answers  # noqa: E402
 from real_models import make_inputs  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 from vlmcompress.quantization import QuantizedLinear, quantize  # noqa: E402
@@ -64,13 +62,8 @@ def generator(model, path: str, budget: float):
 def measure(model, prompts, path, args, device) -> dict:
     generate = generator(model, path, args.budget)
     generate(prompts[0], args.new_tokens), generate(prompts[0], 1)  # capture / compile at these shapes
-    pairs = [(timed(functools.partial(generate, inputs, args.new_tokens), device)[0],
-              timed(functools.partial(generate, inputs, 1), device)[0]) for inputs in prompts[1:]]
-    decoding = statistics.median(call - ttft for call, ttft in pairs)
-    batch = prompts[0]["input_ids"].shape[0]
-    return {"generate_s": statistics.median(call for call, _ in pairs),
-            "ttft_s": statistics.median(ttft for _, ttft in pairs),
-            "decode_tok_s": batch * (args.new_tokens - 1) / max(decoding, 1e-9),
+    pairs = timed_answers(generate, prompts[1:], args.new_tokens, device)
+    return {**answer_figures(pairs, prompts[0]["input_ids"].shape[0], args.new_tokens),
             "prompt_tokens": prompts[0]["input_ids"].shape[1]}
 
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -35,7 +33,8 @@ import transformers
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from bench import TOY_IMAGE_SIDE, announce_run, build_model, parse_method, timed  # noqa: E402
+from bench import (TOY_IMAGE_SIDE, announce_run, answer_figures, build_model, parse_method, round_order,  # noqa: E402
+                   timed_answers)
 from real_models import make_inputs  # noqa: E402
 from vlmcompress.architectures import ARCHITECTURES  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
@@ -97,21 +96,16 @@ def main(argv=None) -> list[dict]:
         pairs = {path: [] for path in paths}
         for round_index in range(args.rounds):
             # every other round in reverse, so that no path is always timed first or after another
-            for path in paths[::1 if round_index % 2 == 0 else -1]:
+            for path in round_order(paths, round_index):
                 generate = generator(path, model, upstream, args.budget)
                 # compile / capture at these shapes (again in later rounds: the model keeps a few graphs only)
                 generate(prompts[0], args.new_tokens), generate(prompts[0], 1)
-                # each prompt's answer and first token back to back: its decoding time is their difference
-                pairs[path] += [(timed(functools.partial(generate, p, args.new_tokens), device)[0],
-                                 timed(functools.partial(generate, p, 1), device)[0]) for p in prompts[1:]]
+                pairs[path] += timed_answers(generate, prompts[1:], args.new_tokens, device)
         for path in paths:
-            calls = [call for call, _ in pairs[path]]
-            call, ttft = statistics.median(calls), statistics.median(ttft for _, ttft in pairs[path])
-            decoding = statistics.median(call - ttft for call, ttft in pairs[path])
+            figures = answer_figures(pairs[path], batch, args.new_tokens)
             row = {"model": args.model, "batch": batch, "path": path, "new_tokens": args.new_tokens,
-                   "prompt_tokens": prompts[0]["input_ids"].shape[1], "generate_s": call, "ttft_s": ttft,
-                   "decode_tok_s": batch * (args.new_tokens - 1) / max(decoding, 1e-9),
-                   "answers_per_s": batch / call, "generate_s_each": calls}
+                   "prompt_tokens": prompts[0]["input_ids"].shape[1], **figures,
+                   "answers_per_s": batch / figures["generate_s"], "generate_s_each": [call for call, _ in pairs[path]]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     for row in rows:
