@@ -241,12 +241,14 @@ def run_one(model, inputs, method: dict, budget, options: dict, new_tokens: int,
 
 
 def decode_floor(model, row: dict, new_tokens: int, bandwidth: float | None) -> float | None:
-    """Seconds per decode step that moving the LLM weights and the KV read once would take."""
+    """Seconds per decode step that moving the LLM weights and the KV read once would take. Of the input
+    embedding table a step reads only its tokens' rows, so the table counts only where `lm_head` shares it."""
     if not bandwidth or row.get("kv_bytes") is None:
         return None
-    decoder = model.model.language_model
-    weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())
-    weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    embedding = model.get_input_embeddings().weight
+    weights = {id(p): p for p in model.model.language_model.parameters() if p is not embedding}
+    weights[id(model.lm_head.weight)] = model.lm_head.weight
+    weight_bytes = sum(p.numel() * p.element_size() for p in weights.values())
     text = model.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2  # bf16 K and V

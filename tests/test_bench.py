@@ -195,3 +195,22 @@ def test_quantization_benchmark_runs_at_toy_size(tiny_dirs, tmp_path):
             assert w4["linear_gb"] < 0.3 * bf16["linear_gb"]  # the toy is float32: packed is under 1/4 + scales
     saved = json.loads(out.read_text())
     assert saved["command"].startswith("python bench/quant.py --toy") and len(saved["rows"]) == 12
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_roofline_floor_counts_the_weights_a_step_reads(tiny_dirs, tied):
+    """The decoder layers, the final norm and `lm_head` once each; of the input embedding table only what
+    `lm_head` shares (a step reads just its tokens' rows)."""
+    model, _ = bench.build_model("toy", torch.device("cpu"), tiny_dirs["qwen2_vl"])
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings().weight
+    layers = sum(p.numel() * p.element_size() for name, p in model.model.language_model.named_parameters()
+                 if not name.startswith("embed_tokens"))
+    lm_head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    assert model.lm_head.weight is embedding if tied else model.lm_head.weight is not embedding
+    text = model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2
+    floor = bench.decode_floor(model, {"kv_bytes": 1000, "batch": 2}, new_tokens=4, bandwidth=1.0)
+    assert floor == layers + lm_head + 1000 + kv_per_token * 2 * 4 / 2
