@@ -19,10 +19,11 @@ import torch
 from ..cache.layer import CompressedLayer, first_valid
 from ..glue import additive_mask
 from .grouped_sdpa import GROUPED_SDPA
+from .slot_write import write_step
 
 # What a static layer adds to a `CompressedLayer`; `to_dynamic` drops them.
-STATIC_FIELDS = ("static_base", "static_seen_base", "prompt_slots", "used_slots", "write_offset", "step_slot", "_static_mask",
-                 "_fixed_earliest")
+STATIC_FIELDS = ("static_base", "static_seen_base", "prompt_slots", "used_slots", "write_offset", "step_slot",
+                 "_static_mask", "_fixed_earliest")
 # The tensors a captured step reads by address: `load` writes a new prompt's state into them in place.
 BUFFERS = ("keys", "values", "slot_valid", "positions", "scores", "free_slot", "capacity", "_validity_room",
            "_mask_room")
@@ -184,11 +185,8 @@ class StaticLayer(CompressedLayer):
         itself). For a layer that does not evict that is `slot` (`[1]`, `static_base + write_offset`, which
         `StaticDecoding` adds up for all layers at once); a slot chosen by eviction (`free_slot`) also takes the
         token's position and, for a method that accumulates scores, a score of zero."""
-        if self.capacity is None:
+        if self.capacity is None:  # `update` writes the token and marks its slot (`write_step`: one kernel)
             self.step_slot = slot
-            self.slot_valid.index_fill_(-1, slot, True)
-            if self._static_mask is not None:
-                self._static_mask.index_fill_(-1, slot, 0.0)
             return
         slot = self.free_slot[..., None]
         self.slot_valid.scatter_(-1, slot, True)
@@ -204,8 +202,8 @@ class StaticLayer(CompressedLayer):
         if self.capacity is not None:
             self._write_at_free_slot(key_states, value_states)
             return self.keys, self.values
-        self.keys.index_copy_(2, self.step_slot, key_states)
-        self.values.index_copy_(2, self.step_slot, value_states)
+        write_step(self.keys, self.values, key_states, value_states, self.step_slot, self.slot_valid,
+                   self._static_mask)
         return self.keys, self.values
 
     def retire(self, scores: torch.Tensor) -> None:
