@@ -69,6 +69,14 @@ def machine_record(device: torch.device) -> dict:
             "python": platform.python_version()}
 
 
+def save_rows(path: str | None, command: str, machine: dict, rows: list, **more) -> None:
+    """Write a run's result file (its command, machine and rows so far, and `more`): the scripts call it after
+    every row, so a run cut off by its time limit keeps what it measured."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"command": command, "machine": machine, "rows": rows, **more}, indent=1))
+
+
 def announce_cuda_run(script: str, argv) -> tuple[str, dict]:
     """For a bench script that times CUDA kernels: refuse without a GPU; else print and return the command
     that reproduces the run and the machine it runs on."""
@@ -134,7 +142,7 @@ def hbm_bandwidth(device) -> float | None:
         dst.copy_(src)
     times = []
     for _ in range(10):
-        seconds, _ = timed(lambda: dst.copy_(src), device)
+        seconds, _ = timed(functools.partial(dst.copy_, src), device)
         times.append(seconds)
     del src, dst
     return 2 * (1 << 32) / statistics.median(times)
@@ -329,8 +337,7 @@ def main(argv=None) -> list[dict]:
     rows = []
 
     def save(more_rows):
-        (out / "bench.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows + more_rows},
-                                                   indent=1))
+        save_rows(str(out / "bench.json"), command, machine, rows + more_rows)
 
     for name in args.models.split(","):
         model, processor = build_model(name, device, args.toy, attn)

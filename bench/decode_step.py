@@ -38,7 +38,8 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 
-from bench import announce_cuda_run, build_model, decode_floor, hbm_bandwidth, parse_method, timed  # noqa: E402
+from bench import (announce_cuda_run, build_model, decode_floor, hbm_bandwidth, parse_method, save_rows,  # noqa: E402
+                   timed)
 from real_models import make_inputs  # noqa: E402
 from vlmcompress import DecodingOptions  # noqa: E402
 from vlmcompress.decoding.static import StaticDecoding  # noqa: E402
@@ -182,8 +183,7 @@ def main(argv=None) -> list[dict]:
         row["floor_ms"] = floor * 1e3 if floor else None
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
+        save_rows(args.out, command, machine, rows)
     return rows
 
 

@@ -32,7 +32,8 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from bench import TOY_IMAGE_SIDE, announce_run, answer_figures, build_model, synchronize, timed_answers  # noqa: E402
+from bench import (TOY_IMAGE_SIDE, announce_run, answer_figures, build_model, save_rows, synchronize,  # noqa: E402
+                   timed_answers)
 from real_models import make_inputs  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
 from vlmcompress.quantization import QuantizedLinear, quantize  # noqa: E402
@@ -67,9 +68,10 @@ def measure(model, prompts, path, args, device) -> dict:
             "prompt_tokens": prompts[0]["input_ids"].shape[1]}
 
 
-def measure_weights(model, processor, weights: str, kernel: str | None, held: dict, args, device) -> list[dict]:
-    """One row per batch size and path for the model as it is now (its weights, its CUDA kernel)."""
-    rows = []
+def measure_weights(model, processor, weights: str, kernel: str | None, held: dict, args, device,
+                    rows: list, save) -> None:
+    """One row per batch size and path for the model as it is now (its weights, its CUDA kernel), appended to
+    `rows`, each then saved (`save()`)."""
     for batch in map(int, args.batches.split(",")):
         prompts = [make_inputs(processor, "hires", batch, args.hires if not args.toy else TOY_IMAGE_SIDE,
                                first_image=k * batch).to(device) for k in range(args.repeats + 1)]
@@ -82,7 +84,7 @@ def measure_weights(model, processor, weights: str, kernel: str | None, held: di
                 row["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return rows
+            save()
 
 
 def main(argv=None) -> list[dict]:
@@ -117,7 +119,8 @@ def main(argv=None) -> list[dict]:
         for kernel in [None] if weights == "bf16" else kernels:
             if kernel is not None:
                 QuantizedLinear.cuda_kernel = kernel
-            rows += measure_weights(model, processor, weights, kernel, held, args, device)
+            measure_weights(model, processor, weights, kernel, held, args, device, rows,
+                            lambda: save_rows(args.out, command, machine, rows))
         del model
         gc.collect()
         if device.type == "cuda":
@@ -134,9 +137,7 @@ def main(argv=None) -> list[dict]:
               f"{r.get('decode_tok_s', float('nan')):.1f} | "
               f"{r.get('speedup', 1.0 if r['weights'] == 'bf16' else float('nan')):.2f} | "
               f"{r.get('ttft_s', float('nan')):.3f} | {r['linear_gb']:.2f} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
+    save_rows(args.out, command, machine, rows)
     return rows
 
 

@@ -27,12 +27,11 @@ import functools
 import json
 import math
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench import machine_record, reproducing_command
+from bench import machine_record, reproducing_command, save_rows
 from vlmcompress.quantization import QuantizedLinear, dequantize_groups, kernels, unpack_codes
 
 # (name, out_features, in_features) of Qwen2-VL-7B's language model
@@ -144,6 +143,7 @@ def main(argv=None) -> dict:
     def record(row: dict) -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
+        save_rows(args.out, command, machine, results, tuning=tuning)
 
     for name, out_features, in_features in SHAPES:
         if name not in args.shapes.split(","):
@@ -220,6 +220,7 @@ def main(argv=None) -> dict:
                 print(f"# best of {len(timed)} launches for {name} at {rows} rows: {best['config']} "
                       f"{best['us']:.1f} us ({best['gb_s']:.0f} GB/s); product_config's: "
                       f"{default_row['us'] if default_row else float('nan'):.1f} us", flush=True)
+            save_rows(args.out, command, machine, results, tuning=tuning)
         del int4, tinygemm, bf16, reference_weight
         torch.cuda.empty_cache()
 
@@ -229,11 +230,8 @@ def main(argv=None) -> dict:
         ratio = 1.0 if r["path"] == "bf16" else r.get("x_bf16") or float("nan")
         print(f"| {r['shape']} | {r['rows']} | {r['path']} | {r.get('us', float('nan')):.1f} | "
               f"{r.get('gb_s', float('nan')):.0f} | {ratio:.2f} |")
-    report = {"command": command, "machine": machine, "rows": results, "tuning": tuning}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-    return report
+    save_rows(args.out, command, machine, results, tuning=tuning)
+    return {"command": command, "machine": machine, "rows": results, "tuning": tuning}
 
 
 if __name__ == "__main__":

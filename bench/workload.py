@@ -34,7 +34,7 @@ import transformers
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 from bench import (TOY_IMAGE_SIDE, announce_run, answer_figures, build_model, parse_method, round_order,  # noqa: E402
-                   timed_answers)
+                   save_rows, timed_answers)
 from real_models import make_inputs  # noqa: E402
 from vlmcompress.architectures import ARCHITECTURES  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
@@ -108,6 +108,7 @@ def main(argv=None) -> list[dict]:
                    "answers_per_s": batch / figures["generate_s"], "generate_s_each": [call for call, _ in pairs[path]]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            save_rows(args.out, command, machine, rows)
     for row in rows:
         for peer in TRANSFORMERS_PATHS:
             base = next((r for r in rows if r["batch"] == row["batch"] and r["path"] == peer), None)
@@ -119,8 +120,7 @@ def main(argv=None) -> list[dict]:
         print(f"| {r['batch']} | {r['path']} | {r['generate_s']:.3f} | {r['ttft_s']:.3f} | {r['decode_tok_s']:.1f} | "
               f"{r['answers_per_s']:.2f} | {r.get('speedup_vs_transformers', float('nan')):.2f} | "
               f"{r.get('speedup_vs_transformers-static', float('nan')):.2f} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
+    save_rows(args.out, command, machine, rows)
     return rows
 
 

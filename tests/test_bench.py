@@ -197,6 +197,31 @@ def test_quantization_benchmark_runs_at_toy_size(tiny_dirs, tmp_path):
     assert saved["command"].startswith("python bench/quant.py --toy") and len(saved["rows"]) == 12
 
 
+def test_a_run_cut_off_keeps_the_rows_it_measured(tiny_dirs, tmp_path, monkeypatch):
+    """The scripts save their result file after every row: a run stopped by its time limit (here: the second
+    row's timing raises) leaves the first row on disk."""
+    import quant
+    import workload
+
+    for script, argv in ((workload, ["--paths", "none,snapkv", "--prompts", "2"]),
+                         (quant, ["--paths", "eager,graphs", "--repeats", "1", "--group-size", "32"])):
+        calls, figures = [], script.answer_figures
+
+        def cut_off(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return figures(*args, **kwargs)
+
+        monkeypatch.setattr(script, "answer_figures", cut_off)
+        out = tmp_path / f"{script.__name__}.json"
+        with pytest.raises(KeyboardInterrupt):
+            script.main(["--toy", tiny_dirs["qwen2_vl"], "--model", "toy", "--batches", "1", "--new-tokens", "3",
+                         *argv, "--out", str(out)])
+        saved = json.loads(out.read_text())
+        assert len(saved["rows"]) == 1 and saved["rows"][0]["decode_tok_s"] > 0 and saved["machine"]
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_roofline_floor_counts_the_weights_a_step_reads(tiny_dirs, tied):
     """The decoder layers, the final norm and `lm_head` once each; of the input embedding table only what
