@@ -47,6 +47,7 @@ test_triton_kernels_in_a_child_process = in_a_child_process(__file__)
     ((2, 2, 7, 300, 64), 3),     # Qwen2's 7 query heads per KV head, chunks of 128 slots
     ((2, 2, 7, 300, 64), 1),     # one chunk: no merging
     ((1, 3, 4, 70, 32), 40),     # more chunks asked than slots allow: one per 64 slots
+    ((2, 2, 7, 1300, 64), 40),   # 21 chunks: the merge loads them in two blocks
     ((2, 1, 16, 129, 16), 2),    # a last chunk of one slot
     ((1, 2, 1, 5, 64), None),    # one query head per KV head, fewer slots than one block
 ])

@@ -5,8 +5,8 @@ sample and a grouped-query head's group viewed as the rows of its KV head (`vlmc
 batch x kv_heads programs (32 at batch 8 on Qwen2-7B), each walking every held slot: too few to fill a GPU
 of 132 multiprocessors, which then reads K and V far below its bandwidth (docs/benchmarks.md). Here the slots are
 split into chunks; one program per (sample, KV head, chunk) attends its group's queries to its chunk with
-a running softmax, and a second kernel merges the chunks by their log-sum-exp (Dao, Haziza, Massa and
-Sizov, 2023, "Flash-Decoding for long-context inference"):
+a running softmax, and a second kernel, one program per query row, merges the chunks by their log-sum-exp
+(Dao, Haziza, Massa and Sizov, 2023, "Flash-Decoding for long-context inference"):
 
     out = Σ_c exp(lse_c − lse) · out_c,   lse = log Σ_c exp(lse_c)
 
@@ -28,6 +28,7 @@ from .options import active
 
 BLOCK_SLOTS = 64  # slots one program step loads; a chunk is a multiple of it
 PROGRAMS_PER_MULTIPROCESSOR = 2  # how many chunks to aim for: enough programs to fill the GPU twice over
+MERGE_BLOCK_SPLITS = 16  # chunks whose results one merge step loads together
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,25 +72,29 @@ def _kernels(interpret: str | None):
 
     @triton.jit
     def merge_chunks(PART, LSE, OUT, splits, kv_heads, groups, so_b, so_h, so_g,
-                     BLOCK_G: tl.constexpr, DIM: tl.constexpr):
-        row = tl.program_id(0)
+                     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, DIM: tl.constexpr):
+        # one program per (sample, KV head, query row): the chunks' results are loaded BLOCK_S at a time,
+        # whose loads are all in flight at once, rather than one chunk after another
+        row, g = tl.program_id(0), tl.program_id(1)
         b, h = (row // kv_heads).to(tl.int64), row % kv_heads
-        g, d = tl.arange(0, BLOCK_G), tl.arange(0, DIM)
-        top = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, DIM], tl.float32)
-        for split in range(0, splits):
+        d = tl.arange(0, DIM)
+        top = tl.full([1], float("-inf"), tl.float32)
+        total = tl.zeros([1], tl.float32)
+        acc = tl.zeros([DIM], tl.float32)
+        for first in range(0, splits, BLOCK_S):
+            split = first + tl.arange(0, BLOCK_S)
+            live = split < splits
             part = row * splits + split
-            lse = tl.load(LSE + part * BLOCK_G + g)
-            new_top = tl.maximum(top, lse)
-            rescale, weight = tl.exp(top - new_top), tl.exp(lse - new_top)
-            chunk_out = tl.load(PART + (part * BLOCK_G + g[:, None]) * DIM + d[None, :])
-            acc = acc * rescale[:, None] + chunk_out * weight[:, None]
-            total = total * rescale + weight
+            lse = tl.load(LSE + part * BLOCK_G + g, mask=live, other=float("-inf"))
+            chunk_out = tl.load(PART + (part[:, None] * BLOCK_G + g) * DIM + d[None, :], mask=live[:, None],
+                                other=0.0)
+            new_top = tl.maximum(top, tl.max(lse, 0))
+            weight = tl.exp(lse - new_top)
+            rescale = tl.exp(top - new_top)
+            acc = acc * rescale + tl.sum(chunk_out * weight[:, None], 0)
+            total = total * rescale + tl.sum(weight, 0)
             top = new_top
-        out = acc / total[:, None]
-        tl.store(OUT + b * so_b + h * so_h + g[:, None] * so_g + d[None, :], out.to(OUT.dtype.element_ty),
-                 mask=(g < groups)[:, None])
+        tl.store(OUT + b * so_b + h * so_h + g * so_g + d, (acc / total).to(OUT.dtype.element_ty))
 
     return attend_chunk, merge_chunks
 
@@ -119,7 +124,8 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         query, key, value, mask, parts, lse, scale, slots, chunk, kv_heads, groups,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *mask.stride(),
         BLOCK_G=block_g, BLOCK_N=BLOCK_SLOTS, DIM=dim)
-    merge_chunks[(rows,)](parts, lse, out, splits, kv_heads, groups, *out.stride()[:3], BLOCK_G=block_g, DIM=dim)
+    merge_chunks[(rows, groups)](parts, lse, out, splits, kv_heads, groups, *out.stride()[:3], BLOCK_G=block_g,
+                                 BLOCK_S=min(MERGE_BLOCK_SPLITS, _next_power_of_2(splits)), DIM=dim)
     return out
 
 
