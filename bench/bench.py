@@ -249,12 +249,15 @@ def run_one(model, inputs, method: dict, budget, options: dict, new_tokens: int,
 
 
 def decode_floor(model, row: dict, new_tokens: int, bandwidth: float | None) -> float | None:
-    """Seconds per decode step that moving the LLM weights and the KV read once would take. Of the input
-    embedding table a step reads only its tokens' rows, so the table counts only where `lm_head` shares it."""
+    """Seconds per decode step that moving the LLM weights and the KV read once would take. The weights are
+    the language model's parameters and buffers (a quantized layer's codes, scales and zeros are buffers) and
+    `lm_head`; of the input embedding table a step reads only its tokens' rows, so the table counts only where
+    `lm_head` shares it."""
     if not bandwidth or row.get("kv_bytes") is None:
         return None
     embedding = model.get_input_embeddings().weight
-    weights = {id(p): p for p in model.model.language_model.parameters() if p is not embedding}
+    language_model = model.model.language_model
+    weights = {id(t): t for t in [*language_model.parameters(), *language_model.buffers()] if t is not embedding}
     weights[id(model.lm_head.weight)] = model.lm_head.weight
     weight_bytes = sum(p.numel() * p.element_size() for p in weights.values())
     text = model.config.text_config

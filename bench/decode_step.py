@@ -7,7 +7,9 @@ the host every step; `deferred`, vlmcompress's reading of it one step late) and 
 norms, rotary embedding and MLP gates compiled by inductor, `vlmcompress.compilation`; `off`: all eager) and
 `--fuse` mode (`on`: q/k/v and gate/up as one matrix product each, `step_kernels.FusedProducts`; `off`: one
 product per Linear) and `--split-kv` mode (`on`: the decoding attention through `vlmcompress/decoding/split_kv.py`;
-`off`: SDPA), it runs `generate` and reports
+`off`: SDPA), with the language model's weights as `--weights` says (`bf16`, as built; `w4`: round-to-nearest
+4-bit in groups of 128, `vlmcompress.quantization`, on `--w4-kernel`'s CUDA kernel), it runs `generate` and
+reports
 per decoding step, medians in milliseconds:
   step_ms         wall time of a decoding step of `generate` (all tokens but the first)
   replay_ms       the captured language-model graph replayed back to back, device time (CUDA events)
@@ -44,6 +46,7 @@ from real_models import make_inputs  # noqa: E402
 from vlmcompress import DecodingOptions  # noqa: E402
 from vlmcompress.decoding.static import StaticDecoding  # noqa: E402
 from vlmcompress.config import accepted_options, build_settings  # noqa: E402
+from vlmcompress.quantization import QuantizedLinear, quantize  # noqa: E402
 
 
 class StepRecorder:
@@ -125,7 +128,9 @@ class StepRecorder:
 
 def kernel_kind(name: str) -> str:
     lowered = name.lower()
-    if any(tag in lowered for tag in ("nvjet", "gemm", "cutlass", "gemv", "splitk")):
+    # cuBLAS's products, tinygemm's int4 ones, and vlmcompress's W4 triton kernels (`quantization.kernels`)
+    if any(tag in lowered for tag in ("nvjet", "gemm", "cutlass", "gemv", "splitk", "tinygemm", "product_one_row",
+                                      "product_few_rows")):
         return "matmul"
     if any(tag in lowered for tag in ("sdpa", "attention", "fmha", "flash")):
         return "attention"
@@ -143,12 +148,18 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--compile", default="off,on")
     parser.add_argument("--fuse", default="on")
     parser.add_argument("--split-kv", default="on")
+    parser.add_argument("--weights", default="bf16", choices=["bf16", "w4"])
+    parser.add_argument("--w4-kernel", default="triton", choices=["triton", "tinygemm"],
+                        help="QuantizedLinear.cuda_kernel of --weights w4")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
     command, machine = announce_cuda_run("decode_step.py", argv)
     device = torch.device("cuda")
     bandwidth = hbm_bandwidth(device)
     model, processor = build_model(args.model, device, None)
+    if args.weights == "w4":
+        quantize(model, processor, "rtn", 4, 128, progress=False)
+        QuantizedLinear.cuda_kernel = args.w4_kernel
     inputs = make_inputs(processor, "hires", args.batch).to(device)
     recorder = StepRecorder()
     rows = []
@@ -173,7 +184,9 @@ def main(argv=None) -> list[dict]:
         first = statistics.median(timed(lambda: generate(1), device)[0] for _ in range(2))
         recorder.reset()
         total, _ = timed(lambda: generate(args.new_tokens), device)
-        row = {"model": args.model, "method": spec, "budget": budget, "batch": args.batch,
+        row = {"model": args.model, "weights": args.weights,
+               "w4_kernel": args.w4_kernel if args.weights == "w4" else None, "method": spec, "budget": budget,
+               "batch": args.batch,
                "stop_check": stop_check, "compile": compiled, "fuse": fused, "split_kv": split,
                "step_ms": (total - first) / (args.new_tokens - 1) * 1e3,
                **recorder.split(), **recorder.replay()}

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import bench  # noqa: E402
+from vlmcompress.quantization import quantize  # noqa: E402
 
 
 def test_benchmark_script_runs_at_toy_size(tiny_dirs, tmp_path):
@@ -224,14 +225,20 @@ def test_a_run_cut_off_keeps_the_rows_it_measured(tiny_dirs, tmp_path, monkeypat
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_roofline_floor_counts_the_weights_a_step_reads(tiny_dirs, tied):
-    """The decoder layers, the final norm and `lm_head` once each; of the input embedding table only what
-    `lm_head` shares (a step reads just its tokens' rows)."""
-    model, _ = bench.build_model("toy", torch.device("cpu"), tiny_dirs["qwen2_vl"])
+    """The decoder layers (parameters and buffers: a quantized layer's codes are buffers), the final norm and
+    `lm_head` once each; of the input embedding table only what `lm_head` shares (a step reads just its
+    tokens' rows)."""
+    model, processor = bench.build_model("toy", torch.device("cpu"), tiny_dirs["qwen2_vl"])
     if tied:
         model.lm_head.weight = model.get_input_embeddings().weight
+    else:
+        quantize(model, processor, "rtn", 4, 32, progress=False)
     embedding = model.get_input_embeddings().weight
-    layers = sum(p.numel() * p.element_size() for name, p in model.model.language_model.named_parameters()
+    language_model = model.model.language_model
+    layers = sum(t.numel() * t.element_size() for name, t in [*language_model.named_parameters(),
+                                                               *language_model.named_buffers()]
                  if not name.startswith("embed_tokens"))
+    assert tied or any(name.endswith("qweight") for name, _ in language_model.named_buffers())
     lm_head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     assert model.lm_head.weight is embedding if tied else model.lm_head.weight is not embedding
     text = model.config.text_config
