@@ -183,9 +183,10 @@ class StaticLayer(CompressedLayer):
     def start_step(self, slot: torch.Tensor) -> None:
         """Before a step's attention: the slot its token is written to becomes valid (the token attends to
         itself). For a layer that does not evict that is `slot` (`[1]`, `static_base + write_offset`, which
-        `StaticDecoding` adds up for all layers at once); a slot chosen by eviction (`free_slot`) also takes the
-        token's position and, for a method that accumulates scores, a score of zero."""
-        if self.capacity is None:  # `update` writes the token and marks its slot (`write_step`: one kernel)
+        `StaticDecoding` adds up for all layers at once), kept here for `update`, which writes the token and
+        marks the slot in one kernel (`write_step`); a slot chosen by eviction (`free_slot`) is marked here, and
+        also takes the token's position and, for a method that accumulates scores, a score of zero."""
+        if self.capacity is None:
             self.step_slot = slot
             return
         slot = self.free_slot[..., None]
