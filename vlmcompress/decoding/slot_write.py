@@ -16,6 +16,7 @@ import os
 import torch
 
 from .. import compilation
+from .split_kv import next_power_of_2
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,7 +66,7 @@ def _launch(keys, values, key, value, slot, slot_valid, mask) -> None:
         key, value, keys, values, slot_valid, mask if mask is not None else keys, slot, heads, groups,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), *keys.stride()[:3], *values.stride()[:3],
         slot_valid.stride(0), slot_valid.stride(1), *mask_strides,
-        HAS_MASK=mask is not None, BLOCK_G=_next_power_of_2(groups), DIM=dim)
+        HAS_MASK=mask is not None, BLOCK_G=next_power_of_2(groups), DIM=dim)
 
 
 def write_step_reference(keys, values, key, value, slot, slot_valid, mask) -> None:
@@ -84,10 +85,6 @@ def _takes(keys, values, key, value, slot_valid, mask) -> bool:
     return (keys.is_cuda and inner_contiguous and dim >= 16 and dim & (dim - 1) == 0
             and key.shape[0] == keys.shape[0] and key.shape[2] == 1 and key.dtype == value.dtype == keys.dtype
             and slot_write_works(keys.device, keys.dtype))
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)

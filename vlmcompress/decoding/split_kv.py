@@ -113,7 +113,7 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     splits = max(1, min(splits, math.ceil(slots / BLOCK_SLOTS)))
     chunk = BLOCK_SLOTS * math.ceil(slots / splits / BLOCK_SLOTS)  # slots per chunk, a multiple of the block
     splits = math.ceil(slots / chunk)  # every chunk holds at least one slot
-    block_g = max(16, _next_power_of_2(groups))  # tl.dot takes at least 16 rows
+    block_g = max(16, next_power_of_2(groups))  # tl.dot takes at least 16 rows
     query = query if query.stride(-1) == 1 else query.contiguous()
     mask = mask.expand(batch, kv_heads, groups, slots)
     parts = torch.empty(rows, splits, block_g, dim, dtype=torch.float32, device=query.device)
@@ -125,7 +125,7 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *mask.stride(),
         BLOCK_G=block_g, BLOCK_N=BLOCK_SLOTS, DIM=dim)
     merge_chunks[(rows, groups)](parts, lse, out, splits, kv_heads, groups, *out.stride()[:3], BLOCK_G=block_g,
-                                 BLOCK_S=min(MERGE_BLOCK_SPLITS, _next_power_of_2(splits)), DIM=dim)
+                                 BLOCK_S=min(MERGE_BLOCK_SPLITS, next_power_of_2(splits)), DIM=dim)
     return out
 
 
@@ -138,7 +138,7 @@ def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> 
             and key.stride(-1) == 1 and value.stride(-1) == 1 and split_kv_works(query.device, query.dtype))
 
 
-def _next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
