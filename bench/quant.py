@@ -68,10 +68,9 @@ def measure(model, prompts, path, args, device) -> dict:
             "prompt_tokens": prompts[0]["input_ids"].shape[1]}
 
 
-def measure_weights(model, processor, weights: str, kernel: str | None, held: dict, args, device,
-                    rows: list, save) -> None:
-    """One row per batch size and path for the model as it is now (its weights, its CUDA kernel), appended to
-    `rows`, each then saved (`save()`)."""
+def measure_weights(model, processor, weights: str, kernel: str | None, held: dict, args, device):
+    """One row per batch size and path for the model as it is now (its weights, its CUDA kernel), yielded as
+    soon as it is measured."""
     for batch in map(int, args.batches.split(",")):
         prompts = [make_inputs(processor, "hires", batch, args.hires if not args.toy else TOY_IMAGE_SIDE,
                                first_image=k * batch).to(device) for k in range(args.repeats + 1)]
@@ -82,9 +81,8 @@ def measure_weights(model, processor, weights: str, kernel: str | None, held: di
                 row.update(measure(model, prompts, path, args, device))
             except Exception as exc:  # noqa: BLE001 - one failing row is reported, the others still run
                 row["error"] = f"{type(exc).__name__}: {exc}"
-            rows.append(row)
             print(json.dumps(row), flush=True)
-            save()
+            yield row
 
 
 def main(argv=None) -> list[dict]:
@@ -119,8 +117,9 @@ def main(argv=None) -> list[dict]:
         for kernel in [None] if weights == "bf16" else kernels:
             if kernel is not None:
                 QuantizedLinear.cuda_kernel = kernel
-            measure_weights(model, processor, weights, kernel, held, args, device, rows,
-                            lambda: save_rows(args.out, command, machine, rows))
+            for row in measure_weights(model, processor, weights, kernel, held, args, device):
+                rows.append(row)
+                save_rows(args.out, command, machine, rows)  # after every row: a run cut off keeps them
         del model
         gc.collect()
         if device.type == "cuda":
