@@ -67,19 +67,21 @@ class ProductConfig:
 
 
 # The launches of the few-rows product by shape: (out_features at most, in_features at least, launch), the first
-# row that matches wins. A first table, not tuned on a GPU yet (bench/quant_kernels.py times `candidate_configs`
-# and prints the best per shape): blocks of output rows small enough for a few hundred programs at Qwen2-7B's
-# widths, and on wide inputs longer steps, so that each program has more bytes in flight.
+# row that matches wins. Rows 2-5 are the fastest of `candidate_configs` per Qwen2-7B shape on an H100 (tuned by
+# bench/quant_kernels.py, bench/results/quant_kernels_h100.json; at one row 1.1-1.8x faster than the untuned
+# table); the last rows of each table take other widths.
 ONE_ROW_LAUNCHES = [
     (1024, 0, ProductConfig(1, 8, 256)),
-    (8192, 8192, ProductConfig(1, 16, 512)),  # down_proj, 18944 -> 3584
-    (8192, 0, ProductConfig(1, 16, 256)),  # the fused q/k/v, 3584 -> 4608; o_proj, 3584 -> 3584
-    (math.inf, 8192, ProductConfig(1, 32, 512)),
-    (math.inf, 0, ProductConfig(1, 32, 256)),  # the fused gate/up, 3584 -> 37888
+    (3584, 8192, ProductConfig(1, 32, 512, split_k=8)),  # down_proj, 18944 -> 3584
+    (3584, 0, ProductConfig(1, 32, 512, split_k=4)),  # o_proj, 3584 -> 3584
+    (8192, 0, ProductConfig(1, 32, 512, split_k=4)),  # the fused q/k/v, 3584 -> 4608
+    (math.inf, 0, ProductConfig(1, 32, 512, num_stages=3)),  # the fused gate/up, 3584 -> 37888
 ]
 FEW_ROWS_LAUNCHES = [
-    (8192, 0, ProductConfig(DOT_ROWS, 32, 128, num_warps=4, num_stages=3)),
-    (math.inf, 0, ProductConfig(DOT_ROWS, 64, 128, num_warps=4, num_stages=3)),
+    (3584, 8192, ProductConfig(DOT_ROWS, 32, 128, num_warps=4, num_stages=3)),
+    (3584, 0, ProductConfig(DOT_ROWS, 32, 128, num_warps=4, num_stages=4)),
+    (8192, 0, ProductConfig(DOT_ROWS, 64, 128, num_warps=4, num_stages=4)),
+    (math.inf, 0, ProductConfig(DOT_ROWS, 128, 128, num_warps=4, num_stages=2)),
 ]
 
 
