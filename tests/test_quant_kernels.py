@@ -20,7 +20,7 @@ from triton_interpreter import in_a_child_process, interpreted
 import vlmcompress
 from vlmcompress.decoding.step_kernels import FusedProducts, FusedQuantizedProducts, StepKernels
 from vlmcompress.glue import language_model_of
-from vlmcompress.quantization import QuantizedLinear, dequantize_groups, kernels, pack_codes
+from vlmcompress.quantization import QuantizedLinear, dequantize_groups, kernels, pack_codes, unpack_codes
 from vlmcompress.quantization.kernels import ProductConfig
 from vlmcompress.quantization.packing import fuse_quantized_linears
 
@@ -101,6 +101,39 @@ def test_interpreted_dequantization_is_bit_exact(dtype, group_size):
     scales[5:10] = (scales[5:10].float() * 1e3).to(dtype)
     weight = kernels.dequantize(qweight, scales, zeros, group_size)
     assert weight.dtype == dtype and torch.equal(weight, dequantize_groups(codes, scales, zeros).to(dtype))
+
+
+def tinygemm_like(packed, inner_k_tiles, scramble, tiles_by_column=False):
+    """A repacking laid out as `tile_order` expects tinygemm's (tiles of 8 rows by 16 x inner_k_tiles columns, row
+    by row; 8 codes an int32 word, the lowest nibble first), nibble t of each tile holding its place scramble[t];
+    `tiles_by_column`: the tiles column by column instead."""
+    codes = unpack_codes(packed).long()
+    (out_features, in_features), tile_k = codes.shape, 16 * inner_k_tiles
+    tiles = codes.view(out_features // 8, 8, in_features // tile_k, tile_k)
+    tiles = tiles.permute(2, 0, 1, 3) if tiles_by_column else tiles.transpose(1, 2)
+    words = (tiles.reshape(-1, 8 * tile_k)[:, scramble].reshape(-1, 8) << torch.arange(0, 32, 4)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@interpreted
+@pytest.mark.parametrize("inner_k_tiles, group_size", [(2, 32), (8, 128), (8, 32)])
+def test_interpreted_dequantization_of_tinygemms_tiles_is_bit_exact(inner_k_tiles, group_size):
+    scramble = torch.randperm(8 * 16 * inner_k_tiles, generator=torch.Generator().manual_seed(inner_k_tiles))
+    order = kernels.tile_order(lambda packed: tinygemm_like(packed, inner_k_tiles, scramble), inner_k_tiles)
+    assert torch.equal(order, torch.argsort(scramble).to(torch.int32))
+    codes, scales, zeros, _, qweight = random_layer(72, 512, group_size, torch.bfloat16)  # 72: a partial block
+    weight = kernels.dequantize(tinygemm_like(qweight, inner_k_tiles, scramble), scales, zeros, group_size, order)
+    assert torch.equal(weight, dequantize_groups(codes, scales, zeros).to(torch.bfloat16))
+
+
+def test_tile_order_is_none_for_a_layout_of_other_tiles():
+    scramble = torch.randperm(8 * 32, generator=torch.Generator().manual_seed(0))
+    assert kernels.tile_order(lambda packed: tinygemm_like(packed, 2, scramble), 2) is not None
+    assert kernels.tile_order(lambda packed: tinygemm_like(packed, 2, scramble, tiles_by_column=True), 2) is None
+    shuffled = torch.randperm(16 * 64, generator=torch.Generator().manual_seed(1))  # not tile by tile
+    assert kernels.tile_order(lambda packed: tinygemm_like(pack_codes(unpack_codes(packed).view(-1)[shuffled]
+                                                                       .view(16, 64)), 2, scramble), 2) is None
+    assert kernels.tile_order(lambda packed: tinygemm_like(packed, 2, scramble)[:-1], 2) is None  # fewer codes
 
 
 @interpreted
@@ -306,6 +339,27 @@ def test_on_cuda_dequantization_is_bit_exact_and_launch_candidates_compute_the_p
         for config in kernels.candidate_configs(rows)[::4]:  # a sample of each kind (the benchmark runs them all)
             out = kernels.quantized_product(x, qweight, scales, zeros, bias, 128, config)
             assert_product_close(out, x, codes, scales, zeros, bias)
+
+
+@cuda
+def test_on_cuda_tinygemm_layers_dequantize_their_tiles_for_a_prompts_rows():
+    torch.manual_seed(0)
+    codes, scales, zeros, layer_bias, _ = random_layer(4608, 3584, 128, torch.bfloat16, "cuda")
+    linear = nn.Linear(3584, 4608, dtype=torch.bfloat16, device="cuda")
+    module = QuantizedLinear.from_codes(linear, codes, scales, zeros, 4)
+    module.bias.data.copy_(layer_bias)
+    assert QuantizedLinear.cuda_kernel == "tinygemm" and kernels.tinygemm_tile_order(
+        torch.device("cuda", torch.cuda.current_device()), 8) is not None
+    weight = dequantize_groups(codes, scales, zeros)
+    for rows in (8, 300):
+        x = torch.randn(rows, 3584, device="cuda", dtype=torch.bfloat16)
+        out = module(x)
+        assert module.layout == "cuda"
+        if rows > kernels.MAX_PRODUCT_ROWS:  # dequantized bit for bit from tinygemm's tiles, then cuBLAS
+            assert torch.equal(out, nn.functional.linear(x, weight.to(torch.bfloat16), layer_bias))
+        else:  # tinygemm's own product, of its bf16 offsets
+            expected = x.float() @ weight.t() + layer_bias.float()
+            torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 @cuda

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -205,20 +206,31 @@ def _kernels(interpret: str | None):
                  mask=live_m[:, None] & live_n[None, :])
 
     @triton.jit
-    def dequantize(QW, S, Z, OUT, N, K, row_bytes, groups, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    def dequantize(QW, ORDER, S, Z, OUT, N, K, row_bytes, groups, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   TILE_K: tl.constexpr):
         """OUT[n, k] = ((q − z) · s in float32).to(OUT's dtype) for one group's columns of BLOCK_N rows: q − z and
         the product with a bf16/fp16 scale are exact in float32, so the one rounding is the cast's, as in
-        `dequantize_groups(...).to(dtype)`."""
+        `dequantize_groups(...).to(dtype)`. TILE_K 0: QW holds the stored form (uint8, two codes a byte); else
+        tinygemm's int32 words, in tiles of 8 rows by TILE_K columns, ORDER[place in a tile] each code's nibble
+        (`tile_order`)."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         group = tl.program_id(1)
         live = n < N
         pair = group * (GROUP // 2) + tl.arange(0, GROUP // 2)
-        packed = tl.load(QW + n.to(tl.int64)[:, None] * row_bytes + pair[None, :], mask=live[:, None], other=0)
+        if TILE_K == 0:
+            packed = tl.load(QW + n.to(tl.int64)[:, None] * row_bytes + pair[None, :], mask=live[:, None], other=0)
+            high, low = (packed >> 4).to(tl.int32), (packed & 15).to(tl.int32)
+        else:
+            column = 2 * pair[:, None] + tl.arange(0, 2)[None, :]  # [GROUP / 2, 2]: each pair's even and odd column
+            nibble = tl.load(ORDER + (n % 8)[:, None, None] * TILE_K + (column % TILE_K)[None, :, :])
+            tile = (n // 8).to(tl.int64)[:, None, None] * (K // TILE_K) + (column // TILE_K)[None, :, :]
+            word = tl.load(QW + tile * TILE_K + nibble // 8, mask=live[:, None, None], other=0)
+            high, low = tl.split((word >> (4 * (nibble % 8))) & 15)
         scale = tl.load(S + n * groups + group, mask=live, other=0).to(tl.float32)[:, None]
         zero = tl.load(Z + n * groups + group, mask=live, other=0).to(tl.float32)[:, None] + 8388608.0
         # 0x4B000000 | q is the float 2^23 + q: less 2^23 + z, q - z exactly
-        high = (((packed >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale
-        low = (((packed & 15).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale
+        high = ((high | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale
+        low = ((low | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale
         weight = tl.interleave(high, low)
         if OUT.dtype.element_ty == tl.bfloat16:  # rounded to nearest even by hand: the interpreter truncates casts
             bits = weight.to(tl.uint32, bitcast=True)
@@ -294,16 +306,87 @@ def split_sums(device: torch.device, out_features: int, split_k: int, blocks: in
     return _split_sums[key]
 
 
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The weight [out, in] in the scales' dtype, equal to `dequantize_groups(codes, scales, zeros).to(dtype)`."""
-    out_features, in_features = qweight.shape[0], 2 * qweight.shape[1]
-    groups = in_features // group_size
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+               tile_order: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight [out, in] in the scales' dtype, equal to `dequantize_groups(codes, scales, zeros).to(dtype)`, from
+    `qweight` in the stored form or, with `tile_order` (`tinygemm_tile_order`), in tinygemm's layout."""
+    out_features, groups = scales.shape
+    in_features = groups * group_size
     out = torch.empty(out_features, in_features, dtype=scales.dtype, device=scales.device)
     kernel = _kernels(os.environ.get("TRITON_INTERPRET"))[2]
-    kernel[(-(-out_features // DEQUANTIZE_BLOCK_N), groups)](qweight, scales, zeros, out, out_features, in_features,
-                                                            qweight.stride(0), groups, GROUP=group_size,
-                                                            BLOCK_N=DEQUANTIZE_BLOCK_N)
+    tile_k = 0 if tile_order is None else tile_order.numel() // TILE_ROWS
+    kernel[(-(-out_features // DEQUANTIZE_BLOCK_N), groups)](
+        qweight, qweight if tile_order is None else tile_order, scales, zeros, out, out_features, in_features,
+        qweight.stride(0), groups, GROUP=group_size, BLOCK_N=DEQUANTIZE_BLOCK_N, TILE_K=tile_k)
     return out
+
+
+TILE_ROWS = 8  # tinygemm's tiles: 8 output rows by 16 x inner_k_tiles input columns
+
+
+def tile_order(convert, inner_k_tiles: int) -> torch.Tensor | None:
+    """Where `convert` (tinygemm's repacking: stored-form codes [out, in / 2] to int32 words) puts each code, read
+    off a probe of 2 x 2 tiles whose codes spell their own place, 4 bits a probe: int32 [8 x tile columns], the
+    nibble (8 a word, lowest first) that holds the code of each place (row x tile columns + column) of a tile,
+    where every tile is laid out alike and the tiles follow each other row by row; None for any other layout."""
+    from .packing import pack_codes  # `packing` imports this module
+
+    tile_k = 16 * inner_k_tiles
+    rows, columns = 2 * TILE_ROWS, 2 * tile_k
+    places = torch.arange(rows * columns)
+    found = torch.zeros_like(places)  # the place whose code each nibble holds
+    for shift in range(0, (rows * columns - 1).bit_length(), 4):
+        words = convert(pack_codes(((places >> shift) & 15).view(rows, columns))).reshape(-1).cpu().long()
+        if words.numel() * 8 != places.numel():
+            return None
+        found |= ((words[:, None] >> torch.arange(0, 32, 4)) & 15).reshape(-1) << shift
+    row, column = found[:TILE_ROWS * tile_k] // columns, found[:TILE_ROWS * tile_k] % columns  # the first tile
+    if bool((row >= TILE_ROWS).any() or (column >= tile_k).any()):
+        return None
+    tile, inside = places // (TILE_ROWS * tile_k), places % (TILE_ROWS * tile_k)
+    tiled = ((tile // 2) * TILE_ROWS + row[inside]) * columns + (tile % 2) * tile_k + column[inside]
+    if not torch.equal(found, tiled):
+        return None
+    order = torch.empty(TILE_ROWS * tile_k, dtype=torch.int32)
+    order[row * tile_k + column] = torch.arange(TILE_ROWS * tile_k, dtype=torch.int32)
+    return order
+
+
+@functools.lru_cache(maxsize=None)
+def tinygemm_tile_order(device: torch.device, inner_k_tiles: int) -> torch.Tensor | None:
+    """`tile_order` of tinygemm's repacking on `device`, if triton's `dequantize` of a probe layer in that layout
+    gives the stored form's weight bit for bit: probed once, with a warning if not (prompts of such layers then
+    run on tinygemm itself, many times slower than cuBLAS)."""
+    from torch.utils._triton import has_triton
+
+    from .packing import pack_codes
+
+    if not has_triton():
+        return None
+    instead = "prompts of tinygemm layers run on tinygemm (slow at many rows)"
+
+    def convert(packed):
+        return torch.ops.aten._convert_weight_to_int4pack(packed.to(device), inner_k_tiles)
+
+    try:
+        order = tile_order(convert, inner_k_tiles)
+    except RuntimeError as error:
+        warnings.warn(f"vlmcompress: tinygemm's repacking could not be probed on {device} ({error!r}); {instead}")
+        return None
+    if order is None:
+        warnings.warn(f"vlmcompress: tinygemm's layout on {device} is not the tiles `tile_order` reads; {instead}")
+        return None
+    generator = torch.Generator().manual_seed(0)
+    out_features, in_features, group_size = 3 * TILE_ROWS, 2 * 16 * inner_k_tiles, 32
+    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=generator)
+    zeros = torch.randint(0, 16, (out_features, in_features // group_size), dtype=torch.uint8, generator=generator)
+    scales = (torch.rand(out_features, in_features // group_size, generator=generator) / 64).to(torch.bfloat16)
+    order = order.to(device)
+    agree = compilation.agrees_or_warns(
+        lambda: dequantize(convert(pack_codes(codes)), scales.to(device), zeros.to(device), group_size, order).cpu(),
+        lambda: dequantize_groups(codes, scales, zeros).to(torch.bfloat16), 0.0,
+        "the triton dequantization of tinygemm's layout", "the stored form's", instead, device)
+    return order if agree else None
 
 
 def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -167,7 +167,14 @@ class QuantizedLinear(nn.Module):
             if layout is not None:
                 self._to_kernel_layout(layout)
         if self.layout != PLAIN and x.dtype == self.scale_and_offset.dtype:
-            out = self._kernel(x.reshape(-1, self.in_features), self.scale_and_offset)
+            x2d = x.reshape(-1, self.in_features)
+            # a prompt: tinygemm is made for few rows (25x slower than cuBLAS in bf16 at 2408 rows on an H100,
+            # bench/results/quant_kernels_h100.json), so its codes are dequantized for cuBLAS, as triton's are
+            if self.layout == CUDA_TILED and x2d.shape[0] > kernels.MAX_PRODUCT_ROWS and (
+                    order := kernels.tinygemm_tile_order(x.device, _inner_k_tiles(self.in_features))) is not None:
+                weight = kernels.dequantize(self.qweight, self.scales, self.zeros, self.group_size, order)
+                return F.linear(x, weight, self.bias)
+            out = self._kernel(x2d, self.scale_and_offset)
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out + self.bias if self.bias is not None else out
         if self.layout == PLAIN and self.cuda_kernel == "triton" and kernels.takes(x, self.scales, self.group_size):
