@@ -62,7 +62,7 @@ test_triton_kernels_in_a_child_process = in_a_child_process(__file__)
 
 ONE_ROW_CONFIGS = [None, ProductConfig(1, 16, 256), ProductConfig(1, 8, 32),  # steps of 2+ groups, of part of one
                    ProductConfig(1, 16, 32, split_k=2), ProductConfig(1, 8, 32, split_k=8)]  # 8: some shares empty
-FEW_ROWS_CONFIGS = [None, ProductConfig(16, 16, 32, num_warps=2)]
+FEW_ROWS_CONFIGS = [None, ProductConfig(16, 16, 32, num_warps=2), ProductConfig(16, 16, 32, num_warps=2, split_k=4)]
 
 
 @interpreted
@@ -137,24 +137,27 @@ def test_tile_order_is_none_for_a_layout_of_other_tiles():
 
 
 @interpreted
-def test_interpreted_split_products_leave_their_counts_at_zero_for_the_next_product():
+@pytest.mark.parametrize("rows, config", [(1, ProductConfig(1, 16, 64, split_k=4)),
+                                          (20, ProductConfig(16, 16, 64, split_k=4))])
+def test_interpreted_split_products_leave_their_counts_at_zero_for_the_next_product(rows, config):
     """The last program of a block to finish resets its arrival count: products after it, of the same shape and
     other inputs, add up their own shares only."""
     codes, scales, zeros, bias, qweight = random_layer(40, 256, 64, torch.bfloat16)
-    config = ProductConfig(1, 16, 64, split_k=4)
     for seed in range(3):
-        x = torch.randn(1, 256, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
         assert_product_close(kernels.quantized_product(x, qweight, scales, zeros, bias, 64, config), x, codes,
                              scales, zeros, bias)
-        _, arrived = kernels.split_sums(x.device, 40, 4, 3)
-        assert arrived.tolist() == [0, 0, 0]
+        row_blocks = -(-rows // config.block_m)
+        _, arrived = kernels.split_sums(x.device, (4, rows, 40), row_blocks * 3)
+        assert arrived.tolist() == [0] * (row_blocks * 3)
 
 
-def test_split_launches_are_one_row_powers_of_two():
+def test_split_launches_are_powers_of_two():
     with pytest.raises(ValueError, match="power of two"):
         ProductConfig(1, 16, 64, split_k=3).fitted(256, 64)
-    with pytest.raises(ValueError, match="one-row"):
-        ProductConfig(16, 16, 64, split_k=2).fitted(256, 64)
+    with pytest.raises(ValueError, match="power of two"):
+        ProductConfig(16, 16, 64, split_k=6).fitted(256, 64)
+    assert ProductConfig(16, 16, 64, split_k=2).fitted(256, 64).split_k == 2
 
 
 @interpreted

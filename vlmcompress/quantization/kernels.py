@@ -5,8 +5,8 @@ computes a block of output columns over the whole input: it walks the input a st
 splits each packed byte into its two codes (high nibble: even column, low nibble: odd column) and multiplies the
 codes with the input's even and odd columns. The zero point and scale are applied once per group on the sums, `s ·
 (Σ q·x − z · Σ x)`, rather than on every weight; it allocates only its output, so it replays inside CUDA graphs. A
-one-row launch may split the input over several programs per block of outputs (`split_k`: one product, no memset;
-the last program to finish adds the shares up, `split_sums`). With one row the products are elementwise in float32
+launch may split the input over several programs per block of outputs (`split_k`: one product, no memset; the
+last program to finish adds the shares up, `split_sums`). With one row the products are elementwise in float32
 and summed (`product_one_row`); with 2-64 rows the rows go 16 at a time (the last block padded) with the codes to
 the tensor cores (`product_few_rows`). Both accumulate in float32, and read a code as a float from its bits, with
 no conversion instruction: 0x4B000000 | q is the float32 2^23 + q (less 2^23 at once), 0x4300 | q the bf16 128 + q
@@ -45,9 +45,9 @@ DEQUANTIZE_BLOCK_N = 64  # output rows one `dequantize` program writes (by one g
 class ProductConfig:
     """A launch of the few-rows product: `block_m` 1 runs `product_one_row` (one input row), 16 `product_few_rows`
     (any rows, 16 at a time on the tensor cores); each program computes `block_n` outputs, `block_k` input columns
-    a step (for `product_few_rows` at most one group). `split_k` (one row only, a power of two) splits the input's
-    steps over that many programs per block of outputs, whose sums the last of them to finish adds up
-    (`split_sums`): more loads in flight where the outputs are few."""
+    a step (for `product_few_rows` at most one group). `split_k` (a power of two) splits the input's steps over
+    that many programs per block of outputs, whose sums the last of them to finish adds up (`split_sums`): more
+    loads in flight where the outputs are few."""
 
     block_m: int
     block_n: int
@@ -62,8 +62,8 @@ class ProductConfig:
         block_k = min(self.block_k, group_size) if self.block_m > 1 else self.block_k
         while in_features % block_k:  # halving ends at the group size at the latest, which divides the input
             block_k //= 2
-        if self.split_k < 1 or self.split_k & (self.split_k - 1) or (self.split_k > 1 and self.block_m > 1):
-            raise ValueError(f"split_k is a power of two, above 1 for one-row launches only: {self}")
+        if self.split_k < 1 or self.split_k & (self.split_k - 1):
+            raise ValueError(f"split_k is a power of two: {self}")
         return dataclasses.replace(self, block_k=block_k)
 
 
@@ -98,8 +98,10 @@ def candidate_configs(rows: int) -> list[ProductConfig]:
     (Steps longer than 512 columns would not divide Qwen2-7B's widths, 7 · 512 and 37 · 512.)"""
     dot = [ProductConfig(DOT_ROWS, block_n, block_k, warps, stages) for block_n in (16, 32, 64, 128)
            for block_k in (64, 128) for warps, stages in ((4, 2), (4, 4))]
+    split_dot = [ProductConfig(DOT_ROWS, block_n, 128, 4, stages, split_k) for block_n in (32, 64, 128)
+                 for stages in (2, 4) for split_k in (2, 4, 8)]
     if rows > 1:
-        return dot
+        return dot + split_dot
     # at one row the loads in flight, out_features x block_k / 2 bytes a step over the whole grid, are what
     # bounds the bandwidth: longer steps, and stages that issue the next steps' loads early, raise them
     one_row = [ProductConfig(1, block_n, block_k, warps, stages) for block_n in (8, 16, 32)
@@ -164,21 +166,25 @@ def _kernels(interpret: str | None):
             tl.store(OUT + n, acc.to(OUT.dtype.element_ty), mask=live)
 
     @triton.jit
-    def product_few_rows(X, QW, S, Z, BIAS, OUT, M, N, K, row_bytes, groups, stride_x, stride_out,
+    def product_few_rows(X, QW, S, Z, BIAS, OUT, SUMS, ARRIVED, M, N, K, row_bytes, groups, stride_x, stride_out,
                          HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, CODE_OFFSET: tl.constexpr):
+                         BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, CODE_OFFSET: tl.constexpr,
+                         SPLIT_K: tl.constexpr):
         """OUT[m, n] = Σ_k X[m, k] (q[n, k] − z) s (+ BIAS[n]) for BLOCK_M rows (the last block padded with
         zeros): per step of BLOCK_K ≤ GROUP columns, two tensor-core products of the even and odd input columns
         with the [BLOCK_K / 2, BLOCK_N] high and low codes (CODE_OFFSET + q in DOT_DTYPE), then the group's zero
         point and that offset, and its scale. The blocks of rows are the grid's first dimension, so the programs
-        reading one block of codes run side by side and read it from L2 after the first."""
+        reading one block of codes run side by side and read it from L2 after the first. SPLIT_K: as in
+        `product_one_row`, the grid's third dimension, SUMS [SPLIT_K, M, N]."""
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         live_n, live_m = n < N, m < M
         columns = QW + n.to(tl.int64)[None, :] * row_bytes  # the codes read transposed: [bytes, outputs]
         rows = X + m[:, None] * stride_x
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for start in range(0, K, BLOCK_K):
+        share = tl.cdiv(K // BLOCK_K, SPLIT_K) * BLOCK_K  # columns a program sums
+        begin = tl.program_id(2) * share
+        for start in range(begin, tl.minimum(begin + share, K), BLOCK_K):
             packed = tl.load(columns + (start // 2 + tl.arange(0, BLOCK_K // 2))[:, None], mask=live_n[None, :],
                              other=0)
             even = rows + start + 2 * tl.arange(0, BLOCK_K // 2)[None, :]
@@ -200,10 +206,23 @@ def _kernels(interpret: str | None):
             zero = tl.load(Z + at, mask=live_n, other=0).to(tl.float32) + CODE_OFFSET
             x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
             acc += scale[None, :] * (codes_x - zero[None, :] * x_sum[:, None])
-        if HAS_BIAS:
-            acc += tl.load(BIAS + n, mask=live_n, other=0).to(tl.float32)[None, :]
-        tl.store(OUT + m[:, None] * stride_out + n[None, :], acc.to(OUT.dtype.element_ty),
-                 mask=live_m[:, None] & live_n[None, :])
+        live = live_m[:, None] & live_n[None, :]
+        if SPLIT_K > 1:
+            block = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            at = m[:, None] * N + n[None, :]
+            tl.store(SUMS + tl.program_id(2) * M * N + at, acc, mask=live)
+            if tl.atomic_add(ARRIVED + block, 1, sem="acq_rel") == SPLIT_K - 1:  # as in `product_one_row`
+                shares = tl.load(SUMS + tl.arange(0, SPLIT_K)[:, None, None] * M * N + at[None, :, :],
+                                 mask=live[None, :, :], other=0.0, cache_modifier=".cg")
+                acc = tl.sum(shares, axis=0)
+                if HAS_BIAS:
+                    acc += tl.load(BIAS + n, mask=live_n, other=0).to(tl.float32)[None, :]
+                tl.store(OUT + m[:, None] * stride_out + n[None, :], acc.to(OUT.dtype.element_ty), mask=live)
+                tl.atomic_xchg(ARRIVED + block, 0)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(BIAS + n, mask=live_n, other=0).to(tl.float32)[None, :]
+            tl.store(OUT + m[:, None] * stride_out + n[None, :], acc.to(OUT.dtype.element_ty), mask=live)
 
     @triton.jit
     def dequantize(QW, ORDER, S, Z, OUT, N, K, row_bytes, groups, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -273,35 +292,37 @@ def quantized_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     widths = (out_features, in_features, qweight.stride(0), in_features // group_size)
     launch = {"HAS_BIAS": has_bias, "GROUP": group_size, "BLOCK_N": config.block_n, "num_warps": config.num_warps,
               "num_stages": config.num_stages}
+    row_blocks = -(-rows // config.block_m)
+    split = split_sums(x.device, (config.split_k, rows, out_features), row_blocks * blocks) \
+        if config.split_k > 1 else None
+    sums, arrived = split or (out, out)  # without a split they are not read
+    launch["SPLIT_K"] = config.split_k if split else 1
     if config.block_m == 1:
         part = min(config.block_k, group_size)
-        split = split_sums(x.device, out_features, config.split_k, blocks) if config.split_k > 1 else None
-        sums, arrived = split or (out, out)  # without a split they are not read
-        split_k = config.split_k if split else 1
-        product_one_row[(blocks, split_k)](*shared, sums, arrived, *widths, PARTS=config.block_k // part, PART=part,
-                                           SPLIT_K=split_k, **launch)
+        product_one_row[(blocks, launch["SPLIT_K"])](*shared, sums, arrived, *widths, PARTS=config.block_k // part,
+                                                     PART=part, **launch)
     else:
         dot_dtype, code_offset = _dot_dtype(x.dtype)
-        product_few_rows[(-(-rows // config.block_m), blocks)](
-            *shared, rows, *widths, x.stride(0), out.stride(0), BLOCK_M=config.block_m, BLOCK_K=config.block_k,
-            DOT_DTYPE=dot_dtype, CODE_OFFSET=code_offset, **launch)
+        product_few_rows[(row_blocks, blocks, launch["SPLIT_K"])](
+            *shared, sums, arrived, rows, *widths, x.stride(0), out.stride(0), BLOCK_M=config.block_m,
+            BLOCK_K=config.block_k, DOT_DTYPE=dot_dtype, CODE_OFFSET=code_offset, **launch)
     return out
 
 
 _split_sums: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def split_sums(device: torch.device, out_features: int, split_k: int, blocks: int):
-    """The buffers of a split one-row product, kept per device and shape: the shares' sums (float32 `[split_k,
-    out_features]`) and each block's arrival count (int32 `[blocks]`, back at 0 after every product). They are
-    made outside CUDA-graph capture (at the first, eager, product of a shape), so that a captured product reads
-    buffers that outlive its graph; None for a product captured before its shape has them, which then runs
+def split_sums(device: torch.device, shape: tuple[int, int, int], blocks: int):
+    """The buffers of a split product, kept per device and shape: the shares' sums (float32 `shape`, `[split_k,
+    rows, out_features]`) and each block's arrival count (int32 `[blocks]`, back at 0 after every product). They
+    are made outside CUDA-graph capture (at the first, eager, product of a shape), so that a captured product
+    reads buffers that outlive its graph; None for a product captured before its shape has them, which then runs
     unsplit. A few MB at most: kept for the process."""
-    key = (device, out_features, split_k, blocks)
+    key = (device, shape, blocks)
     if key not in _split_sums:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        _split_sums[key] = (torch.empty(split_k, out_features, dtype=torch.float32, device=device),
+        _split_sums[key] = (torch.empty(shape, dtype=torch.float32, device=device),
                             torch.zeros(blocks, dtype=torch.int32, device=device))
     return _split_sums[key]
 
