@@ -10,16 +10,17 @@ Stored form (what `state_dict`, `save_pretrained` and checkpoints hold, on any d
   per-channel scale AWQ folded into the weight);
 * `bias` when the Linear had one.
 
-Products. On CUDA, by default, PyTorch's tinygemm (`torch.ops.aten._weight_int4pack_mm`, bfloat16) and on the CPU
-`_weight_int4pack_mm_for_cpu` (bfloat16), which read `(q - 8) * scale + offset` with `offset = (8 - zero) *
-scale` from codes repacked into their layout on the first product, in place of `qweight` (no second copy is kept);
-`state_dict` and moving the module to another device turn them back into the stored form exactly.
-`QuantizedLinear.cuda_kernel = "triton"` (the class, or one layer) puts CUDA bfloat16 and float16 layers on our
-triton kernels (`kernels`) instead, which read the stored form as it is: a product with up to 64 rows (decoding)
-in one kernel, more rows (prefill) by dequantizing the weight for cuBLAS. They are not the default until they are
-timed on a GPU against tinygemm (`bench/quant.py --kernels triton,tinygemm`). Where no kernel takes the layer
-(float32, float16 without the triton kernels, widths the kernels do not tile), the weight is dequantized for each
-product.
+Products. On CUDA, by default, PyTorch's tinygemm (`torch.ops.aten._weight_int4pack_mm`, bfloat16) for up to
+`kernels.MAX_PRODUCT_ROWS` rows, and on the CPU `_weight_int4pack_mm_for_cpu` (bfloat16), which read `(q - 8) *
+scale + offset` with `offset = (8 - zero) * scale` from codes repacked into their layout on the first product, in
+place of `qweight` (no second copy is kept); `state_dict` and moving the module to another device turn them back
+into the stored form exactly. A prompt's rows on CUDA go to cuBLAS, the weight dequantized from tinygemm's tiles
+(`kernels.tinygemm_tile_order`). `QuantizedLinear.cuda_kernel = "triton"` (the class, or one layer) puts CUDA
+bfloat16 and float16 layers on our triton kernels (`kernels`) instead, which read the stored form as it is: a
+product with up to 64 rows (decoding) in one kernel, more rows (prefill) by dequantizing the weight for cuBLAS.
+On an H100 they decode slower than tinygemm (docs/quantization.md, "Speed (GPU)"). Where no kernel takes the
+layer (float32, float16 without the triton kernels, widths the kernels do not tile), the weight is dequantized
+for each product.
 """
 
 from __future__ import annotations
