@@ -250,15 +250,17 @@ def run_one(model, inputs, method: dict, budget, options: dict, new_tokens: int,
 
 def decode_floor(model, row: dict, new_tokens: int, bandwidth: float | None) -> float | None:
     """Seconds per decode step that moving the LLM weights and the KV read once would take. The weights are
-    the language model's parameters and buffers (a quantized layer's codes, scales and zeros are buffers) and
-    `lm_head`; of the input embedding table a step reads only its tokens' rows, so the table counts only where
+    the language model's and `lm_head`'s parameters and buffers (a quantized layer's codes, scales and zeros are
+    buffers); of the input embedding table a step reads only its tokens' rows, so the table counts only where
     `lm_head` shares it."""
     if not bandwidth or row.get("kv_bytes") is None:
         return None
     embedding = model.get_input_embeddings().weight
     language_model = model.model.language_model
-    weights = {id(t): t for t in [*language_model.parameters(), *language_model.buffers()] if t is not embedding}
-    weights[id(model.lm_head.weight)] = model.lm_head.weight
+    weights = {id(t): t for module in (language_model, model.lm_head)
+               for t in [*module.parameters(), *module.buffers()] if t is not embedding}
+    if getattr(model.lm_head, "weight", None) is embedding:
+        weights[id(embedding)] = embedding
     weight_bytes = sum(p.numel() * p.element_size() for p in weights.values())
     text = model.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

@@ -4,8 +4,9 @@
         --new-tokens 64 --out results/quant.json
 
 The model is built from its real configuration with random bf16 weights (`real_models.py`): first as it is, then
-a second copy whose language-model Linear layers are quantized by round-to-nearest (`--bits`, `--group-size`;
-speed does not depend on the method or the values) into `QuantizedLinear` layers, timed with each CUDA kernel of
+a copy per `--targets` set whose Linear layers there (the language model's by default) are quantized by
+round-to-nearest (`--bits`, `--group-size`; speed does not depend on the method or the values) into
+`QuantizedLinear` layers, timed with each CUDA kernel of
 `--kernels` (`triton`: ours, on the stored layout; `tinygemm`: PyTorch's `_weight_int4pack_mm`, repacked). For
 each weights kind and kernel, batch size and path (`eager`: transformers' decoding; `graphs`:
 `cuda_graphs=True`, static decoding replayed from a CUDA graph; `snapkv`: SnapKV at `--budget`, eager or with
@@ -15,7 +16,8 @@ timed pairs, medians reported:
   ttft_s         one `generate` of one token
   decode_tok_s   batch x (new tokens - 1) / the median over prompts of a prompt's generate_s - ttft_s (timed
                  back to back)
-  linear_gb      bytes held by the language model's Linear weights (codes, scales and zeros when quantized)
+  linear_gb      bytes held by the language model's Linear weights and the output head (codes, scales and
+                 zeros when quantized)
 and each quantized row's `speedup` (its decode_tok_s over the bf16 row of the same batch and path).
 `--toy DIR` runs the same code on a tiny CPU checkpoint (a smoke test of the script; timings mean nothing).
 """
@@ -41,7 +43,7 @@ from vlmcompress.quantization import QuantizedLinear, quantize  # noqa: E402
 
 def linear_bytes(model) -> int:
     total = 0
-    for module in model.model.language_model.modules():
+    for module in [*model.model.language_model.modules(), model.lm_head]:
         if isinstance(module, QuantizedLinear):
             total += sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
         elif isinstance(module, torch.nn.Linear):
@@ -96,6 +98,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--hires", type=int, default=672, help="side of the prompt's image, pixels")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--targets", default="language_model",
+                        help="comma-separated target sets to quantize, each timed (`quantize`'s targets, joined by +: "
+                             "language_model+lm_head quantizes the output head too)")
     parser.add_argument("--kernels", default="triton,tinygemm",
                         help="CUDA kernels of the quantized model (QuantizedLinear.cuda_kernel), each timed")
     parser.add_argument("--toy", default=None, help="a tiny checkpoint folder: run on the CPU at toy size")
@@ -106,10 +111,13 @@ def main(argv=None) -> list[dict]:
     device, command, machine = announce_run("quant.py", argv, args.toy)
     kernels = args.kernels.split(",") if device.type == "cuda" else [None]  # the CPU has one int4 path
     rows = []
-    for weights in ("bf16", f"w{args.bits}-rtn-g{args.group_size}"):
+    quantized = {f"w{args.bits}-rtn-g{args.group_size}" + ("" if targets == "language_model" else f"-{targets}"):
+                 targets for targets in args.targets.split(",")}
+    for weights in ["bf16", *quantized]:
         model, processor = build_model(args.model, device, args.toy)
         if weights != "bf16":
-            report = quantize(model, processor, "rtn", args.bits, args.group_size, progress=False)
+            report = quantize(model, processor, "rtn", args.bits, args.group_size, targets=quantized[weights],
+                              progress=False)
             print(f"# {report}", flush=True)
         synchronize(device)
         held = {"linear_gb": linear_bytes(model) / 1e9,

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import bench  # noqa: E402
-from vlmcompress.quantization import quantize  # noqa: E402
+from vlmcompress.quantization import QuantizedLinear, quantize  # noqa: E402
 
 
 def test_benchmark_script_runs_at_toy_size(tiny_dirs, tmp_path):
@@ -185,9 +185,11 @@ def test_quantization_benchmark_runs_at_toy_size(tiny_dirs, tmp_path):
     out = tmp_path / "quant.json"
     rows = quant.main(["--toy", tiny_dirs["qwen2_vl"], "--model", "toy", "--batches", "1,2", "--group-size", "32",
                        "--paths", "eager,graphs+snapkv,unknownmethod", "--new-tokens", "3", "--repeats", "1",
-                       "--budget", "0.5", "--out", str(out)])
-    assert len(rows) == 2 * 2 * 3
+                       "--budget", "0.5", "--targets", "language_model,language_model+lm_head", "--out", str(out)])
+    assert len(rows) == 3 * 2 * 3
     by_key = {(r["weights"], r["batch"], r["path"]): r for r in rows}
+    with_head = by_key["w4-rtn-g32-language_model+lm_head", 1, "eager"]
+    assert with_head["decode_tok_s"] > 0 and with_head["linear_gb"] < by_key["w4-rtn-g32", 1, "eager"]["linear_gb"]
     assert "unknown KV-cache method 'unknownmethod'" in by_key["w4-rtn-g32", 1, "unknownmethod"]["error"]
     for batch in (1, 2):
         for path in ("eager", "graphs+snapkv"):
@@ -195,7 +197,7 @@ def test_quantization_benchmark_runs_at_toy_size(tiny_dirs, tmp_path):
             assert w4["decode_tok_s"] > 0 and w4["speedup"] == w4["decode_tok_s"] / bf16["decode_tok_s"]
             assert w4["linear_gb"] < 0.3 * bf16["linear_gb"]  # the toy is float32: packed is under 1/4 + scales
     saved = json.loads(out.read_text())
-    assert saved["command"].startswith("python bench/quant.py --toy") and len(saved["rows"]) == 12
+    assert saved["command"].startswith("python bench/quant.py --toy") and len(saved["rows"]) == 18
 
 
 def test_a_run_cut_off_keeps_the_rows_it_measured(tiny_dirs, tmp_path, monkeypatch):
@@ -223,24 +225,28 @@ def test_a_run_cut_off_keeps_the_rows_it_measured(tiny_dirs, tmp_path, monkeypat
         assert len(saved["rows"]) == 1 and saved["rows"][0]["decode_tok_s"] > 0 and saved["machine"]
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_roofline_floor_counts_the_weights_a_step_reads(tiny_dirs, tied):
+@pytest.mark.parametrize("head", ["bf16", "tied", "quantized"])
+def test_roofline_floor_counts_the_weights_a_step_reads(tiny_dirs, head):
     """The decoder layers (parameters and buffers: a quantized layer's codes are buffers), the final norm and
     `lm_head` once each; of the input embedding table only what `lm_head` shares (a step reads just its
     tokens' rows)."""
     model, processor = bench.build_model("toy", torch.device("cpu"), tiny_dirs["qwen2_vl"])
+    tied = head == "tied"
     if tied:
         model.lm_head.weight = model.get_input_embeddings().weight
     else:
-        quantize(model, processor, "rtn", 4, 32, progress=False)
+        quantize(model, processor, "rtn", 4, 32, progress=False,
+                 targets=("language_model", "lm_head") if head == "quantized" else ("language_model",))
     embedding = model.get_input_embeddings().weight
     language_model = model.model.language_model
     layers = sum(t.numel() * t.element_size() for name, t in [*language_model.named_parameters(),
                                                                *language_model.named_buffers()]
                  if not name.startswith("embed_tokens"))
     assert tied or any(name.endswith("qweight") for name, _ in language_model.named_buffers())
-    lm_head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    assert model.lm_head.weight is embedding if tied else model.lm_head.weight is not embedding
+    lm_head = sum(t.numel() * t.element_size() for t in [*model.lm_head.parameters(), *model.lm_head.buffers()])
+    assert (head == "quantized") == isinstance(model.lm_head, QuantizedLinear)
+    if head != "quantized":
+        assert (model.lm_head.weight is embedding) == tied
     text = model.config.text_config
     head_dim = text.hidden_size // text.num_attention_heads
     kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2

@@ -341,6 +341,41 @@ def test_quantized_model_saves_and_loads_with_the_same_outputs(tiny_dirs, tmp_pa
         quantize(again, None, "rtn", 4, 32)
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_the_output_head_is_quantized_on_request_and_saves_and_loads(tiny_dirs, tmp_path, method):
+    path = tiny_dirs["qwen2_vl"]
+    inputs = inputs_of(path)
+    model = vlmcompress.load(path, quant=method, quant_group_size=32, targets="language_model+lm_head", num_samples=2,
+                             progress=False)
+    assert isinstance(model.lm_head, QuantizedLinear) and "lm_head" in model.quantization_report.targets
+    assert isinstance(model.model.language_model.layers[0].mlp.down_proj, QuantizedLinear)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        reference = inputs_of(path)  # the head's product: the dequantized weight applied to its input
+        head_input = []
+        handle = model.lm_head.register_forward_pre_hook(lambda module, args: head_input.append(args[0]))
+        model(**reference)
+        handle.remove()
+        expected = head_input[0] @ model.lm_head.dequantized_weight().t().to(head_input[0].dtype)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    model.save_pretrained(tmp_path)
+    again = vlmcompress.load(str(tmp_path))
+    assert isinstance(again.lm_head, QuantizedLinear)
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, logits)
+    assert torch.equal(again.generate(**inputs, max_new_tokens=4, do_sample=False), tokens)
+
+
+def test_an_output_head_tied_to_the_embeddings_is_not_quantized(tiny_dirs):
+    model = vlmcompress.load(tiny_dirs["qwen2_vl"])
+    model.lm_head.weight = model.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="tie_word_embeddings=True.*leave 'lm_head' out of targets"):
+        quantize(model, None, "rtn", 4, 32, targets=("lm_head",))
+    with pytest.raises(ValueError, match="choose one or more of .*lm_head"):
+        quantize(model, None, "rtn", 4, 32, targets=("head",))
+
+
 def test_calibrated_methods_follow_the_full_precision_model_closer_than_rounding(wide_qwen):
     """GPTQ's error updates bring the model's logits closer than rounding does. AWQ's search includes alpha = 0,
     rounding's own grid, so on the calibration inputs no layer does worse; on a random tiny model its gain may be

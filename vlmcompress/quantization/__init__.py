@@ -17,12 +17,12 @@ import torch
 from ..registry import Registry
 from ..sparsity import _bar, _normalize_targets, _PlainForward
 from ..sparsity.calibration import DEFAULT_NUM_SAMPLES, prepare_calibration
-from ..sparsity.sequential import calibrate_blocks, find_stacks
+from ..sparsity.sequential import calibrate_blocks, find_stacks, output_head_stack
 from . import awq, gptq, rtn
 from .awq import awq_quantize, awq_scales
 from .base import (
-    BITS, COMMON_OPTIONS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, QuantMethod, check_group_divides,
-    dequantize_groups, quantize_groups, validate_bits, validate_group_size,
+    BITS, COMMON_OPTIONS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANT_TARGETS, QuantMethod,
+    check_group_divides, dequantize_groups, quantize_groups, validate_bits, validate_group_size,
 )
 from .checkpoint import QUANT_FILE, QuantizationReport, install_save_hook, read_quantization
 from .gptq import gptq_quantize
@@ -44,7 +44,7 @@ def validate_quant_args(method, bits=DEFAULT_BITS, group_size=DEFAULT_GROUP_SIZE
     spec = QUANT_METHODS.lookup(method)
     bits, group_size = validate_bits(bits), validate_group_size(group_size)
     if "targets" in options:
-        _normalize_targets(options["targets"])
+        _normalize_targets(options["targets"], QUANT_TARGETS)
     own = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
     unknown = sorted(set(own) - set(spec.options))
     if unknown:
@@ -77,19 +77,22 @@ def quantize(
         bits: 2, 3 or 4 (codes are stored 4 bits each whatever the value).
         group_size: 32, 64, 128 or 256 input columns per scale and zero point; must divide every target layer's
             input width.
-        calibration, targets, num_samples, progress, calibration_seed: as for `sparsify`.
+        targets: as for `sparsify`, and "lm_head": the output head too (not where it shares its weight with the
+            input embeddings). At batch-1 decoding the head is a quarter of a W4 model's bytes read per step.
+        calibration, num_samples, progress, calibration_seed: as for `sparsify`.
         **options: the method's own: gptq `blocksize` (128), `percdamp` (0.01), `act_order` (False);
             awq `n_grid` (20), `max_tokens` (4096).
     """
     name, bits, group_size, opts = validate_quant_args(method, bits, group_size, **options)
     spec = QUANT_METHODS[name]
-    targets = _normalize_targets(targets)
+    targets = _normalize_targets(targets, QUANT_TARGETS)
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError("the model is already quantized: quantize the original (unquantized) model")
     if getattr(model, "sparsity_report", None) is not None:
         raise ValueError("the model is sparsified, and GPTQ's and AWQ's updates would refill the pruned zeros: "
                          "quantize the dense model (quantization and sparsity are not combined)")
-    stacks = find_stacks(model, targets)
+    inner = [target for target in targets if target != "lm_head"]
+    stacks = (find_stacks(model, inner) if inner else []) + ([output_head_stack(model)] if "lm_head" in targets else [])
     for stack in stacks:
         for linears in stack.linears.values():
             for lname, linear in linears.items():
@@ -135,7 +138,7 @@ def quantize(
     return report
 
 __all__ = [
-    "quantize", "QUANT_METHODS", "validate_quant_args", "quant_option_names", "QuantizedLinear", "QuantMethod",
+    "quantize", "QUANT_METHODS", "QUANT_TARGETS", "validate_quant_args", "quant_option_names", "QuantizedLinear", "QuantMethod",
     "QuantizationReport", "read_quantization", "QUANT_FILE", "BITS", "GROUP_SIZES", "DEFAULT_BITS", "DEFAULT_GROUP_SIZE",
     "quantize_groups", "dequantize_groups", "gptq_quantize", "awq_quantize", "awq_scales", "pack_codes",
     "unpack_codes",

@@ -20,9 +20,12 @@ from typing import Any, Callable
 
 import torch
 
+from ..sparsity.sequential import TARGETS
+
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128, 256)  # those of the int4 matmul kernels (tinygemm); a group never spans two rows
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128  # what load(quant=...) and quantize() use unless told
+QUANT_TARGETS = TARGETS + ("lm_head",)  # what `quantize` replaces: sparsity's targets and the output head
 
 
 def validate_bits(bits) -> int:
@@ -66,7 +69,7 @@ def check_group_fits_config(config, group_size: int, targets=None) -> None:
     the loaded layers); `targets` as `quantize` takes it, None for the default (the language model)."""
     from ..sparsity import _normalize_targets
 
-    if "language_model" in _normalize_targets(targets or ("language_model",)):
+    if "language_model" in _normalize_targets(targets or ("language_model",), QUANT_TARGETS):
         for name, width in language_model_widths(config).items():
             check_group_divides(f"the language model's {name}", width, group_size)
 

@@ -69,13 +69,14 @@ def method_options(spec: SparsityMethod, ratio: float, nm, options: dict) -> dic
     return spec.check(ratio, nm, options) if spec.check is not None else options
 
 
-def _normalize_targets(targets) -> tuple:
-    """A tuple of target names; a string may join several with "+" ("vision_tower+language_model") or be "all"."""
+def _normalize_targets(targets, allowed=TARGETS) -> tuple:
+    """A tuple of target names among `allowed`; a string may join several with "+" ("vision_tower+language_model")
+    or be "all" (`TARGETS`)."""
     if isinstance(targets, str):
         targets = TARGETS if targets.strip() == "all" else tuple(t.strip() for t in targets.split("+"))
     targets = tuple(targets or ())
-    if not targets or any(t not in TARGETS for t in targets):
-        raise ValueError(f"targets={targets!r}: choose one or more of {list(TARGETS)}")
+    if not targets or any(t not in allowed for t in targets):
+        raise ValueError(f"targets={targets!r}: choose one or more of {list(allowed)}")
     return targets
 
 

@@ -102,6 +102,20 @@ def find_stacks(model: nn.Module, targets) -> list[Stack]:
     return stacks
 
 
+def output_head_stack(model: nn.Module) -> Stack:
+    """The output head (`lm_head`) as a stack of one module, last in forward order. A head that shares its weight
+    with the input embeddings (`tie_word_embeddings`) is refused: replacing it would change both."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError("no output head (an nn.Linear `lm_head`) found: leave 'lm_head' out of targets")
+    embeddings = model.get_input_embeddings()
+    if getattr(embeddings, "weight", None) is head.weight:
+        raise ValueError("lm_head shares its weight with the input embeddings (tie_word_embeddings=True): leave "
+                         "'lm_head' out of targets")
+    name = next(n for n, m in model.named_modules() if m is head)
+    return Stack("lm_head", name, [(name, head)], is_sequence=False, linears={name: {name: head}})
+
+
 def model_device(model) -> torch.device:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
