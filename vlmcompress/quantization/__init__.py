@@ -138,7 +138,8 @@ def quantize(
     return report
 
 __all__ = [
-    "quantize", "QUANT_METHODS", "QUANT_TARGETS", "validate_quant_args", "quant_option_names", "QuantizedLinear", "QuantMethod",
+    "quantize", "QUANT_METHODS", "QUANT_TARGETS", "validate_quant_args", "quant_option_names", "QuantizedLinear",
+    "QuantMethod",
     "QuantizationReport", "read_quantization", "QUANT_FILE", "BITS", "GROUP_SIZES", "DEFAULT_BITS", "DEFAULT_GROUP_SIZE",
     "quantize_groups", "dequantize_groups", "gptq_quantize", "awq_quantize", "awq_scales", "pack_codes",
     "unpack_codes",
