@@ -317,7 +317,8 @@ def split_sums(device: torch.device, shape: tuple[int, int, int], blocks: int):
     rows, out_features]`) and each block's arrival count (int32 `[blocks]`, back at 0 after every product). They
     are made outside CUDA-graph capture (at the first, eager, product of a shape), so that a captured product
     reads buffers that outlive its graph; None for a product captured before its shape has them, which then runs
-    unsplit. A few MB at most: kept for the process."""
+    unsplit. Kept for the process: split_k x rows x out_features x 4 bytes each (4.8 MB for 8 rows of Qwen2-7B's
+    gate/up split 4 ways)."""
     key = (device, shape, blocks)
     if key not in _split_sums:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
