@@ -9,7 +9,9 @@ rows (`--decode-rows`, 1, 8, 16 and 32) it times bf16 `F.linear` (cuBLAS), tinyg
 `QuantizedLinear`s with `cuda_kernel = "tinygemm"`, their codes repacked into its layout) and vlmcompress's
 few-rows triton product (`kernels.quantized_product`, with `product_config`'s launch); at prefill's rows
 (`--prefill-rows`, 680 and 2408: the prompts of a 672-px image and of a hires one, docs/benchmarks.md) bf16
-`F.linear`, dequantize + `F.linear` (what `QuantizedLinear` runs there) and tinygemm.
+`F.linear`, dequantize + `F.linear` (what `QuantizedLinear` runs there) and the tinygemm layer (which there
+dequantizes its tiles for `F.linear`, `kernels.tinygemm_tile_order`, where its probe passes; tinygemm's own
+product otherwise).
 Then (`--tune-rows`, 1 and 8) every launch of `kernels.candidate_configs`, and the fastest per shape.
 
 Each time is the median over 5 replays of a CUDA graph of many calls, measured with CUDA events (no Python
