@@ -341,13 +341,14 @@ def test_quantized_model_saves_and_loads_with_the_same_outputs(tiny_dirs, tmp_pa
         quantize(again, None, "rtn", 4, 32)
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_the_output_head_is_quantized_on_request_and_saves_and_loads(tiny_dirs, tmp_path, method):
-    path = tiny_dirs["qwen2_vl"]
+@pytest.mark.parametrize("arch, method", [("qwen2_vl", "rtn"), ("qwen2_vl", "gptq"), ("llava_onevision", "awq")])
+def test_the_output_head_is_quantized_on_request_and_saves_and_loads(tiny_dirs, tmp_path, arch, method):
+    path = tiny_dirs[arch]
     inputs = inputs_of(path)
     model = vlmcompress.load(path, quant=method, quant_group_size=32, targets="language_model+lm_head", num_samples=2,
                              progress=False)
     assert isinstance(model.lm_head, QuantizedLinear) and "lm_head" in model.quantization_report.targets
+    assert (model.lm_head.input_scale is not None) == (method == "awq")
     assert isinstance(model.model.language_model.layers[0].mlp.down_proj, QuantizedLinear)
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -356,7 +357,9 @@ def test_the_output_head_is_quantized_on_request_and_saves_and_loads(tiny_dirs, 
         handle = model.lm_head.register_forward_pre_hook(lambda module, args: head_input.append(args[0]))
         model(**reference)
         handle.remove()
-        expected = head_input[0] @ model.lm_head.dequantized_weight().t().to(head_input[0].dtype)
+        head = model.lm_head  # AWQ's head multiplies its input by its own input scale first
+        scaled = head_input[0] * head.input_scale if head.input_scale is not None else head_input[0]
+        expected = scaled @ head.dequantized_weight().t().to(scaled.dtype)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     model.save_pretrained(tmp_path)
