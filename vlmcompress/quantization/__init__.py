@@ -17,7 +17,7 @@ import torch
 from ..registry import Registry
 from ..sparsity import _bar, _normalize_targets, _PlainForward
 from ..sparsity.calibration import DEFAULT_NUM_SAMPLES, prepare_calibration
-from ..sparsity.sequential import calibrate_blocks, find_stacks, output_head_stack
+from ..sparsity.sequential import calibrate_blocks, find_stacks
 from . import awq, gptq, rtn
 from .awq import awq_quantize, awq_scales
 from .base import (
@@ -91,8 +91,7 @@ def quantize(
     if getattr(model, "sparsity_report", None) is not None:
         raise ValueError("the model is sparsified, and GPTQ's and AWQ's updates would refill the pruned zeros: "
                          "quantize the dense model (quantization and sparsity are not combined)")
-    inner = [target for target in targets if target != "lm_head"]
-    stacks = (find_stacks(model, inner) if inner else []) + ([output_head_stack(model)] if "lm_head" in targets else [])
+    stacks = find_stacks(model, targets)
     for stack in stacks:
         for linears in stack.linears.values():
             for lname, linear in linears.items():

@@ -20,12 +20,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..sparsity.sequential import TARGETS
+from ..sparsity.sequential import STACK_TARGETS
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128, 256)  # those of the int4 matmul kernels (tinygemm); a group never spans two rows
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128  # what load(quant=...) and quantize() use unless told
-QUANT_TARGETS = TARGETS + ("lm_head",)  # what `quantize` replaces: sparsity's targets and the output head
+QUANT_TARGETS = STACK_TARGETS  # what `quantize` replaces: sparsity's targets and the output head
 
 
 def validate_bits(bits) -> int:

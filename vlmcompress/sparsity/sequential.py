@@ -23,6 +23,7 @@ from torch import nn
 from .calibration import to_device
 
 TARGETS = ("vision_tower", "projector", "language_model")
+STACK_TARGETS = TARGETS + ("lm_head",)  # what `find_stacks` finds: sparsity's targets, and the output head
 
 
 @dataclass
@@ -62,15 +63,19 @@ def _find_block_list(module: nn.Module, exclude=("merger", "head")) -> tuple[str
 
 
 def find_stacks(model: nn.Module, targets) -> list[Stack]:
-    """The stacks of `targets`, in the model's forward order (vision tower, projector, language model)."""
-    unknown = [t for t in targets if t not in TARGETS]
+    """The stacks of `targets`, in the model's forward order (vision tower, projector, language model, output
+    head)."""
+    unknown = [t for t in targets if t not in STACK_TARGETS]
     if unknown or not targets:
-        raise ValueError(f"targets={tuple(targets)!r}: choose one or more of {list(TARGETS)}")
+        raise ValueError(f"targets={tuple(targets)!r}: choose one or more of {list(STACK_TARGETS)}")
     inner = _inner(model)
     full = {id(m): n for n, m in model.named_modules()}
     stacks = []
-    for target in TARGETS:
+    for target in STACK_TARGETS:
         if target not in targets:
+            continue
+        if target == "lm_head":
+            stacks.append(output_head_stack(model))
             continue
         if target == "language_model":
             lm = getattr(inner, "language_model", None)
