@@ -374,6 +374,15 @@ def tile_order(convert, inner_k_tiles: int) -> torch.Tensor | None:
     return order
 
 
+def probe_layer(generator: torch.Generator, out_features: int, in_features: int, group_size: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random codes [out, in], zeros and scales [out, in / group] (CPU) of a layer the probes check kernels on."""
+    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=generator)
+    zeros = torch.randint(0, 16, (out_features, in_features // group_size), dtype=torch.uint8, generator=generator)
+    scales = (torch.rand(out_features, in_features // group_size, generator=generator) / 64).to(dtype)
+    return codes, zeros, scales
+
+
 @functools.lru_cache(maxsize=None)
 def tinygemm_tile_order(device: torch.device, inner_k_tiles: int) -> torch.Tensor | None:
     """`tile_order` of tinygemm's repacking on `device`, if triton's `dequantize` of a probe layer in that layout
@@ -398,11 +407,9 @@ def tinygemm_tile_order(device: torch.device, inner_k_tiles: int) -> torch.Tenso
     if order is None:
         warnings.warn(f"vlmcompress: tinygemm's layout on {device} is not the tiles `tile_order` reads; {instead}")
         return None
-    generator = torch.Generator().manual_seed(0)
-    out_features, in_features, group_size = 3 * TILE_ROWS, 2 * 16 * inner_k_tiles, 32
-    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=generator)
-    zeros = torch.randint(0, 16, (out_features, in_features // group_size), dtype=torch.uint8, generator=generator)
-    scales = (torch.rand(out_features, in_features // group_size, generator=generator) / 64).to(torch.bfloat16)
+    group_size = 32
+    codes, zeros, scales = probe_layer(torch.Generator().manual_seed(0), 3 * TILE_ROWS, 2 * 16 * inner_k_tiles,
+                                       group_size, torch.bfloat16)
     order = order.to(device)
     agree = compilation.agrees_or_warns(
         lambda: dequantize(convert(pack_codes(codes)), scales.to(device), zeros.to(device), group_size, order).cpu(),
@@ -443,9 +450,7 @@ def kernels_work(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     generator = torch.Generator().manual_seed(0)
     out_features, in_features, group_size = 40, 256, 64
-    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=generator)
-    zeros = torch.randint(0, 16, (out_features, in_features // group_size), dtype=torch.uint8, generator=generator)
-    scales = (torch.rand(out_features, in_features // group_size, generator=generator) / 64).to(dtype)
+    codes, zeros, scales = probe_layer(generator, out_features, in_features, group_size, dtype)
     x = torch.randn(MAX_PRODUCT_ROWS + 1, in_features, generator=generator).to(dtype)
     bias = torch.randn(out_features, generator=generator).to(dtype)
     weight = dequantize_groups(codes, scales, zeros)
