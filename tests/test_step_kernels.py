@@ -15,7 +15,8 @@ from test_static_decoding import QUESTIONS, assert_same_decoding, greedy, load
 import vlmcompress
 from vlmcompress import DecodingOptions, compilation
 from vlmcompress.decoding import static as static_decoding
-from vlmcompress.decoding.step_kernels import FusedProducts, StepKernels, fuse_linears, gated_mlp, rms_norm, silu_gate
+from vlmcompress.decoding.step_kernels import (FusedProducts, StepKernels, add_rms_norm, decoder_layer, fuse_linears,
+                                               gated_mlp, rms_norm, silu_gate)
 from vlmcompress.glue import language_model_of
 from vlmcompress.glue import rotary_function_name
 from vlmcompress.testing import ARCHITECTURES
@@ -83,6 +84,9 @@ def test_every_norm_and_mlp_of_the_language_model_is_replaced_and_others_are_not
     assert len(kernels.norms) == 2 * len(language_model.layers) + 1  # two per layer and the final one
     assert len(kernels.mlps) == len(language_model.layers)
     assert len(kernels.projections) == len(language_model.layers)  # each attention's q/k/v as one product
+    # every layer's residual adds join its norm and its down projection's product
+    assert list(kernels.layers) == list(language_model.layers)
+    assert all(down is layer.mlp.down_proj for layer, down in kernels.layers.items())
     attention = type(language_model.layers[0].self_attn)
     assert [(modeling.__name__, name) for modeling, name in kernels.rotary_functions] == [
         (attention.__module__, rotary_function_name(attention))]
@@ -91,6 +95,58 @@ def test_every_norm_and_mlp_of_the_language_model_is_replaced_and_others_are_not
     uncompiled = StepKernels(language_model, compile=False)  # the gate and up products are still fused
     assert all(products is not None for products in uncompiled.mlps.values()) and len(uncompiled.mlps) == len(
         language_model.layers)
+
+
+def qwen2_layer(layer_class=None, size: int = 64):
+    from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+    config = Qwen2Config(hidden_size=size, intermediate_size=2 * size, num_attention_heads=4, num_key_value_heads=2,
+                         hidden_act="silu", rms_norm_eps=1e-6)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layer = (layer_class or Qwen2DecoderLayer)(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.normal_()
+    return layer, Qwen2RotaryEmbedding(config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_with_fused_residual_adds_computes_transformers_layer(dtype):
+    layer, rotary = qwen2_layer()
+    layer = layer.to(dtype)
+    hidden = (torch.randn(2, 5, 64) * 3).to(dtype)
+    positions = torch.arange(5).expand(2, 5)
+    kwargs = dict(position_embeddings=rotary(hidden, positions), position_ids=positions, attention_mask=None)
+    with torch.no_grad():
+        expected = layer(hidden, **kwargs)
+        fused = decoder_layer(add_rms_norm, silu_gate, None, layer.mlp.down_proj, layer, hidden, **kwargs)
+        separate_adds = decoder_layer(add_rms_norm, silu_gate, None, None, layer, hidden, **kwargs)
+    # addmm rounds the down projection and the residual add once, not twice: equal to the rounding
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused, expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(separate_adds, expected, rtol=0, atol=0)
+    assert list(StepKernels(layer).layers) == [layer]
+    assert not StepKernels(layer, fuse_products=False).layers
+
+
+def test_layers_that_are_not_pre_norm_keep_their_forward():
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    class PostNormLayer(Qwen2DecoderLayer):
+        """`norm(x + attn(x))`: the residual add before the norm, not after it."""
+
+        def forward(self, hidden_states, **kwargs):
+            attended, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
+            hidden_states = self.input_layernorm(hidden_states + attended)
+            return self.post_attention_layernorm(hidden_states + self.mlp(hidden_states))
+
+    layer, _ = qwen2_layer(PostNormLayer)
+    kernels = StepKernels(layer)
+    assert not kernels.layers and len(kernels.norms) == 2  # its norms and MLP are still replaced
+    with kernels:
+        assert "forward" not in vars(layer)
 
 
 def storages(module: torch.nn.Module) -> dict[int, int]:
@@ -182,8 +238,9 @@ def test_compiled_steps_decode_like_eager_steps_and_give_the_modules_back(tiny_d
 
     assert_same_decoding(compiled, reference)
     steps, layers = len(compiled.scores) - 1, len(language_model.layers)  # the first token comes from the prompt
-    assert compiled_calls == {rms_norm: steps * (2 * layers + 1), silu_gate: steps * layers,
-                              upstream_rotary: steps * layers}
+    # each layer's post-attention norm runs with its residual add; the final norm alone
+    assert compiled_calls == {rms_norm: steps * (layers + 1), add_rms_norm: steps * layers,
+                              silu_gate: steps * layers, upstream_rotary: steps * layers}
     assert getattr(modeling, rotary_name) is upstream_rotary
     assert all("forward" not in vars(module) for module in language_model.modules())
 

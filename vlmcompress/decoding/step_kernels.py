@@ -14,6 +14,12 @@ A norm or MLP class is replaced only if its own forward gives the replacement's 
 (checked once per class, activation and dtype), so a variant computing something else (Gemma's `1 + weight`
 norm, a GELU MLP) keeps its forward. The rotary function is transformers' own, compiled as it is.
 
+A pre-norm decoder layer (`h = x + attn(norm(x))`, `h + mlp(norm(h))`: Llama's, Qwen2's) also runs its two
+residual adds with no kernel of their own (`decoder_layer`): the first with the post-attention RMSNorm
+(`add_rms_norm`, one kernel where compiled), the second inside the down projection's product (`torch.addmm`,
+cuBLAS adding the residual as it writes). A layer class is taken only if its own forward, with its attention
+stubbed, gives `decoder_layer`'s values on a random input.
+
 The Linears that read the same input, an attention's q/k/v projections and a gated MLP's gate and up, run as
 one matrix product each (`FusedProducts`): at decoding's few rows a product is bound by reading its weights,
 and one long product reads them faster than several short ones. For that their weights (and biases) are
@@ -41,6 +47,12 @@ def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     """transformers' RMSNorm, `weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)` with float32 statistics, as
     one `torch.rms_norm` kernel (which accumulates in float32 and rounds to the input's dtype) and one multiply."""
     return weight * torch.rms_norm(hidden, (hidden.shape[-1],), eps=eps)
+
+
+def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """`(rms_norm(residual + hidden), residual + hidden)`: a decoder layer's residual add and the norm after it."""
+    total = residual + hidden
+    return rms_norm(total, weight, eps), total
 
 
 def silu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -158,6 +170,9 @@ class StepKernels:
         self.norms = [module for module in modules if self._fusable_norm(module)]
         self.mlps = {module: FusedProducts.of(module, ("gate_proj", "up_proj")) if fuse_products else None
                      for module in modules if self._gated_silu_mlp(module)}
+        # layers whose residual adds join their norm and down projection; `None`: the down projection adds its own
+        self.layers = {module: module.mlp.down_proj if addmm_takes(module.mlp.down_proj) else None
+                       for module in modules if fuse_products and self._pre_norm_layer(module)}
         self.projections = [products for module in modules if fuse_products
                             and type(module).__name__.endswith("Attention")
                             and (products := FusedProducts.of(module, ("q_proj", "k_proj", "v_proj")))]
@@ -172,9 +187,10 @@ class StepKernels:
         return compilation.compiled(function, compilation.COMPILE_BACKEND) if self.compile else function
 
     @classmethod
-    def _agrees_with(cls, module: torch.nn.Module, replacement, probe_shape, variant: type | None = None) -> bool:
-        """Whether `replacement(module, x)` gives `module(x)` on a random x, checked once per class, `variant`
-        (what configures the class, an MLP's activation) and dtype."""
+    def _agrees_with(cls, module: torch.nn.Module, replacement, probe_shape, variant: type | None = None,
+                     original=torch.nn.Module.__call__) -> bool:
+        """Whether `replacement(module, x)` gives `original(module, x)` (its forward) on a random x, checked once per
+        class, `variant` (what configures the class, an MLP's activation) and dtype."""
         # the first float tensor: a quantized MLP's may be its layers' scales (codes are integers, and a
         # QuantizedLinear has no parameter but its bias)
         parameter = next(t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point())
@@ -183,9 +199,10 @@ class StepKernels:
             dtype, device = parameter.dtype, parameter.device
             with torch.no_grad():
                 probe = (torch.randn(*probe_shape, generator=torch.Generator().manual_seed(0)) * 3).to(device, dtype)
-                expected, replaced = module(probe), replacement(module, probe)
+                expected, replaced = original(module, probe), replacement(module, probe)
             tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-            cls._agrees[key] = torch.allclose(replaced, expected, rtol=tolerance, atol=tolerance)
+            cls._agrees[key] = isinstance(expected, torch.Tensor) and expected.shape == replaced.shape \
+                and torch.allclose(replaced, expected, rtol=tolerance, atol=tolerance)
         return cls._agrees[key]
 
     @classmethod
@@ -206,6 +223,31 @@ class StepKernels:
         return cls._agrees_with(module, lambda mlp, x: gated_mlp(silu_gate, mlp, None, x), (2, parts[0].in_features),
                                 type(module.act_fn))
 
+    @classmethod
+    def _pre_norm_layer(cls, module: torch.nn.Module) -> bool:
+        parts = [getattr(module, name, None) for name in ("input_layernorm", "self_attn", "post_attention_layernorm",
+                                                            "mlp")]
+        if any(part is None for part in parts) or not (cls._fusable_norm(parts[0]) and cls._fusable_norm(parts[2])
+                                                       and cls._gated_silu_mlp(parts[3])):
+            return False
+
+        def stubbed_attention(layer_call):  # the attention's work is not the layer's: any function of its input
+            def call(layer, hidden):
+                attention, held = layer.self_attn, vars(layer.self_attn).get("forward")
+                attention.forward = lambda hidden_states, **kwargs: (hidden_states * 0.5 - 1, None)
+                try:
+                    return layer_call(layer, hidden)
+                finally:
+                    vars(attention).pop("forward")
+                    if held is not None:
+                        attention.forward = held
+            return call
+
+        down = parts[3].down_proj if addmm_takes(parts[3].down_proj) else None
+        fused = functools.partial(decoder_layer, add_rms_norm, silu_gate, None, down)
+        return cls._agrees_with(module, stubbed_attention(lambda layer, hidden: fused(layer, hidden)),
+                                (1, 2, parts[0].weight.numel()), original=stubbed_attention(torch.nn.Module.__call__))
+
     def __enter__(self):
         norm = self._pointwise(rms_norm)
         for module in self.norms:
@@ -213,6 +255,9 @@ class StepKernels:
         gate = self._pointwise(silu_gate)
         for module, products in self.mlps.items():
             module.forward = functools.partial(gated_mlp, gate, module, products)
+        add_norm = self._pointwise(add_rms_norm)
+        for layer, down in self.layers.items():
+            layer.forward = functools.partial(decoder_layer, add_norm, gate, self.mlps[layer.mlp], down, layer)
         for products in self.projections:
             for index, linear in enumerate(products.linears):
                 linear.forward = functools.partial(products.part, index)
@@ -222,7 +267,7 @@ class StepKernels:
 
     def __exit__(self, *exc_info):
         shares = [linear for products in self.projections for linear in products.linears]
-        for module in self.norms + list(self.mlps) + shares:
+        for module in self.norms + list(self.mlps) + list(self.layers) + shares:
             vars(module).pop("forward", None)
         for (modeling, name), upstream in self.upstream_rotary.items():
             setattr(modeling, name, upstream)
@@ -237,3 +282,26 @@ def gated_mlp(gate_function, mlp: torch.nn.Module, gate_and_up: FusedProducts | 
               hidden: torch.Tensor) -> torch.Tensor:
     gate, up = gate_and_up(hidden) if gate_and_up is not None else (mlp.gate_proj(hidden), mlp.up_proj(hidden))
     return mlp.down_proj(gate_function(gate, up))
+
+
+def addmm_takes(linear: torch.nn.Module) -> bool:
+    """Whether `linear` is a plain Linear without bias, whose product can add a residual (`torch.addmm`)."""
+    return isinstance(linear, torch.nn.Linear) and linear.bias is None and plain_weights([linear])
+
+
+def decoder_layer(add_norm, gate_function, gate_and_up: FusedProducts | None, down: torch.nn.Linear | None,
+                  layer: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A pre-norm decoder layer's forward (Llama's, Qwen2's) whose residual adds make no kernel of their own: the
+    first is `add_norm`'s (`add_rms_norm`), the second the down projection's (`torch.addmm`) where `down` is given."""
+    if args:  # transformers passes all but the hidden states by name; anything else takes the layer's own forward
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
+    attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+    norm = layer.post_attention_layernorm
+    hidden, residual = add_norm(attended, hidden_states, norm.weight, norm.variance_epsilon)
+    mlp = layer.mlp
+    gate, up = gate_and_up(hidden) if gate_and_up is not None else (mlp.gate_proj(hidden), mlp.up_proj(hidden))
+    activated = gate_function(gate, up)
+    if down is None:
+        return residual + mlp.down_proj(activated)
+    return torch.addmm(residual.reshape(-1, residual.shape[-1]), activated.reshape(-1, activated.shape[-1]),
+                       down.weight.t()).view(residual.shape)
