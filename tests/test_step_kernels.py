@@ -84,9 +84,7 @@ def test_every_norm_and_mlp_of_the_language_model_is_replaced_and_others_are_not
     assert len(kernels.norms) == 2 * len(language_model.layers) + 1  # two per layer and the final one
     assert len(kernels.mlps) == len(language_model.layers)
     assert len(kernels.projections) == len(language_model.layers)  # each attention's q/k/v as one product
-    # every layer's residual adds join its norm and its down projection's product
-    assert list(kernels.layers) == list(language_model.layers)
-    assert all(down is layer.mlp.down_proj for layer, down in kernels.layers.items())
+    assert kernels.layers == list(language_model.layers)  # each one's first residual add joins its norm
     attention = type(language_model.layers[0].self_attn)
     assert [(modeling.__name__, name) for modeling, name in kernels.rotary_functions] == [
         (attention.__module__, rotary_function_name(attention))]
@@ -121,14 +119,22 @@ def test_a_layer_with_fused_residual_adds_computes_transformers_layer(dtype):
     kwargs = dict(position_embeddings=rotary(hidden, positions), position_ids=positions, attention_mask=None)
     with torch.no_grad():
         expected = layer(hidden, **kwargs)
-        fused = decoder_layer(add_rms_norm, silu_gate, None, layer.mlp.down_proj, layer, hidden, **kwargs)
-        separate_adds = decoder_layer(add_rms_norm, silu_gate, None, None, layer, hidden, **kwargs)
-    # addmm rounds the down projection and the residual add once, not twice: equal to the rounding
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(fused, expected, rtol=tolerance, atol=tolerance)
-    torch.testing.assert_close(separate_adds, expected, rtol=0, atol=0)
-    assert list(StepKernels(layer).layers) == [layer]
+        fused = decoder_layer(add_rms_norm, silu_gate, None, layer, hidden, **kwargs)
+    torch.testing.assert_close(fused, expected, rtol=0, atol=0)
+    assert StepKernels(layer).layers == [layer]
     assert not StepKernels(layer, fuse_products=False).layers
+
+
+def test_inductor_rounds_the_residual_sum_before_the_norm_as_eager_does():
+    """Fused into one kernel, the bf16 sum would reach the norm unrounded (a quarter of the outputs differ)."""
+    if not compilation.compiler_works(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("inductor compiles nothing on this machine")
+    torch.manual_seed(0)
+    hidden, residual = ((torch.randn(8, 1, 512) * 3).bfloat16() for _ in range(2))
+    weight = torch.randn(512).bfloat16()
+    compiled = compilation.compiled(add_rms_norm, compilation.COMPILE_BACKEND)(hidden, residual, weight, 1e-6)
+    for ours, eager in zip(compiled, add_rms_norm(hidden, residual, weight, 1e-6)):
+        torch.testing.assert_close(ours, eager, rtol=0, atol=0)
 
 
 def test_layers_that_are_not_pre_norm_keep_their_forward():

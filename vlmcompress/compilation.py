@@ -28,7 +28,10 @@ warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the
 def compiled(function, backend: str):
     """`function` compiled once per process; shapes become dynamic at the second shape seen, so batches,
     prompts and models share one compilation rather than running into dynamo's recompilation limit."""
-    return torch.compile(function, backend=backend)
+    # inductor rounds each intermediate to its dtype as eager does (a bf16 residual sum before the norm that reads
+    # it), so that compiled steps compute transformers' values, not more precise ones
+    options = {"options": {"emulate_precision_casts": True}} if backend == "inductor" else {}
+    return torch.compile(function, backend=backend, **options)
 
 
 def _probe(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,11 @@ A norm or MLP class is replaced only if its own forward gives the replacement's 
 (checked once per class, activation and dtype), so a variant computing something else (Gemma's `1 + weight`
 norm, a GELU MLP) keeps its forward. The rotary function is transformers' own, compiled as it is.
 
-A pre-norm decoder layer (`h = x + attn(norm(x))`, `h + mlp(norm(h))`: Llama's, Qwen2's) also runs its two
-residual adds with no kernel of their own (`decoder_layer`): the first with the post-attention RMSNorm
-(`add_rms_norm`, one kernel where compiled), the second inside the down projection's product (`torch.addmm`,
-cuBLAS adding the residual as it writes). A layer class is taken only if its own forward, with its attention
-stubbed, gives `decoder_layer`'s values on a random input.
+A pre-norm decoder layer (`h = x + attn(norm(x))`, `h + mlp(norm(h))`: Llama's, Qwen2's) runs its first
+residual add with the post-attention RMSNorm (`decoder_layer`, `add_rms_norm`: one kernel where compiled). A
+layer class is taken only if its own forward, with its attention stubbed, gives `decoder_layer`'s values on a
+random input. (The second add inside the down projection's product, `torch.addmm`, saved nothing on an H100:
+cuBLAS copies the residual into the output first, one copy kernel per add saved.)
 
 The Linears that read the same input, an attention's q/k/v projections and a gated MLP's gate and up, run as
 one matrix product each (`FusedProducts`): at decoding's few rows a product is bound by reading its weights,
@@ -170,9 +170,7 @@ class StepKernels:
         self.norms = [module for module in modules if self._fusable_norm(module)]
         self.mlps = {module: FusedProducts.of(module, ("gate_proj", "up_proj")) if fuse_products else None
                      for module in modules if self._gated_silu_mlp(module)}
-        # layers whose residual adds join their norm and down projection; `None`: the down projection adds its own
-        self.layers = {module: module.mlp.down_proj if addmm_takes(module.mlp.down_proj) else None
-                       for module in modules if fuse_products and self._pre_norm_layer(module)}
+        self.layers = [module for module in modules if fuse_products and self._pre_norm_layer(module)]
         self.projections = [products for module in modules if fuse_products
                             and type(module).__name__.endswith("Attention")
                             and (products := FusedProducts.of(module, ("q_proj", "k_proj", "v_proj")))]
@@ -243,8 +241,7 @@ class StepKernels:
                         attention.forward = held
             return call
 
-        down = parts[3].down_proj if addmm_takes(parts[3].down_proj) else None
-        fused = functools.partial(decoder_layer, add_rms_norm, silu_gate, None, down)
+        fused = functools.partial(decoder_layer, add_rms_norm, silu_gate, None)
         return cls._agrees_with(module, stubbed_attention(lambda layer, hidden: fused(layer, hidden)),
                                 (1, 2, parts[0].weight.numel()), original=stubbed_attention(torch.nn.Module.__call__))
 
@@ -256,8 +253,8 @@ class StepKernels:
         for module, products in self.mlps.items():
             module.forward = functools.partial(gated_mlp, gate, module, products)
         add_norm = self._pointwise(add_rms_norm)
-        for layer, down in self.layers.items():
-            layer.forward = functools.partial(decoder_layer, add_norm, gate, self.mlps[layer.mlp], down, layer)
+        for layer in self.layers:
+            layer.forward = functools.partial(decoder_layer, add_norm, gate, self.mlps[layer.mlp], layer)
         for products in self.projections:
             for index, linear in enumerate(products.linears):
                 linear.forward = functools.partial(products.part, index)
@@ -267,7 +264,7 @@ class StepKernels:
 
     def __exit__(self, *exc_info):
         shares = [linear for products in self.projections for linear in products.linears]
-        for module in self.norms + list(self.mlps) + list(self.layers) + shares:
+        for module in self.norms + list(self.mlps) + self.layers + shares:
             vars(module).pop("forward", None)
         for (modeling, name), upstream in self.upstream_rotary.items():
             setattr(modeling, name, upstream)
@@ -284,15 +281,11 @@ def gated_mlp(gate_function, mlp: torch.nn.Module, gate_and_up: FusedProducts | 
     return mlp.down_proj(gate_function(gate, up))
 
 
-def addmm_takes(linear: torch.nn.Module) -> bool:
-    """Whether `linear` is a plain Linear without bias, whose product can add a residual (`torch.addmm`)."""
-    return isinstance(linear, torch.nn.Linear) and linear.bias is None and plain_weights([linear])
 
-
-def decoder_layer(add_norm, gate_function, gate_and_up: FusedProducts | None, down: torch.nn.Linear | None,
-                  layer: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A pre-norm decoder layer's forward (Llama's, Qwen2's) whose residual adds make no kernel of their own: the
-    first is `add_norm`'s (`add_rms_norm`), the second the down projection's (`torch.addmm`) where `down` is given."""
+def decoder_layer(add_norm, gate_function, gate_and_up: FusedProducts | None, layer: torch.nn.Module,
+                  hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A pre-norm decoder layer's forward (Llama's, Qwen2's) whose first residual add is `add_norm`'s
+    (`add_rms_norm`)."""
     if args:  # transformers passes all but the hidden states by name; anything else takes the layer's own forward
         return type(layer).forward(layer, hidden_states, *args, **kwargs)
     attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
@@ -300,8 +293,4 @@ def decoder_layer(add_norm, gate_function, gate_and_up: FusedProducts | None, do
     hidden, residual = add_norm(attended, hidden_states, norm.weight, norm.variance_epsilon)
     mlp = layer.mlp
     gate, up = gate_and_up(hidden) if gate_and_up is not None else (mlp.gate_proj(hidden), mlp.up_proj(hidden))
-    activated = gate_function(gate, up)
-    if down is None:
-        return residual + mlp.down_proj(activated)
-    return torch.addmm(residual.reshape(-1, residual.shape[-1]), activated.reshape(-1, activated.shape[-1]),
-                       down.weight.t()).view(residual.shape)
+    return residual + mlp.down_proj(gate_function(gate, up))
