@@ -221,15 +221,36 @@ def test_fused_quantized_layers_are_views_of_one_buffer_each_and_compute_each_la
     assert shares[0].untyped_storage().data_ptr() == shares[2].untyped_storage().data_ptr()  # one product
 
 
+def test_layers_in_a_kernels_layout_fuse_their_packed_codes_and_compute_each_layer():
+    """bf16 on the CPU: each layer's codes repacked for the int4 kernel (by blocks of 64 output rows), fused as
+    such where each layer is whole blocks."""
+    assert fuse_quantized_linears(quantized_layers((32, 16, 16), dtype=torch.bfloat16)) is None
+    layers = quantized_layers((128, 64, 64), dtype=torch.bfloat16)
+    hidden = torch.randn(3, 1, 64, dtype=torch.bfloat16)
+    expected = [layer(hidden) for layer in layers]  # the first product repacks each layer's codes
+    assert {layer.layout for layer in layers} == {"cpu"}
+    held = sum(storage_bytes(layers).values())
+    fused = fuse_quantized_linears(layers)
+    assert fused.layout == "cpu" and fused.scale_and_offset.shape == (64 // fused.group_size, 256, 2)
+    offsets = [layer.qweight.data_ptr() - fused.qweight.data_ptr() for layer in layers]
+    assert offsets == [0, 128 * fused.qweight[0].nbytes, 192 * fused.qweight[0].nbytes]  # the packed codes: views
+    assert sum(storage_bytes(layers).values()) == held
+    for share, reference in zip(FusedQuantizedProducts(layers, fused)(hidden), expected):
+        torch.testing.assert_close(share, reference, rtol=0, atol=0)
+    assert all(layer.layout == "cpu" for layer in layers)
+    for share, reference in zip(FusedQuantizedProducts(layers, fused)(hidden), [layer(hidden) for layer in layers]):
+        torch.testing.assert_close(share, reference, rtol=0, atol=0)  # the layers still compute alone
+
+
 def test_quantized_layers_that_cannot_share_a_product_are_left_alone():
     assert fuse_quantized_linears(quantized_layers((8, 8), input_scale=True)) is None  # AWQ: own input scales
     biased, unbiased = quantized_layers((8,)), quantized_layers((8,), bias=False)
     assert fuse_quantized_linears(biased + unbiased) is None
     assert fuse_quantized_linears(quantized_layers((8,)) + quantized_layers((8,), group_size=64)) is None
     assert fuse_quantized_linears(quantized_layers((8,)) + quantized_layers((8,), in_features=96)) is None
-    # the CPU's bf16 kernel repacks each layer's codes into its own layout: its layers keep their products
-    assert fuse_quantized_linears(quantized_layers((16, 16), dtype=torch.bfloat16)) is None
-    assert fuse_quantized_linears(quantized_layers((8, 8), dtype=torch.bfloat16)) is None  # 16 wide together
+    # the CPU's bf16 kernel takes 16 output rows at a time: two 8-row layers would read the stored form, 16 together
+    # the kernel's layout
+    assert fuse_quantized_linears(quantized_layers((8, 8), dtype=torch.bfloat16)) is None
     mixed = nn.ModuleDict({"q": quantized_layers((8,))[0], "k": nn.Linear(64, 8), "v": nn.Linear(64, 8)})
     assert FusedProducts.of(mixed, ("q", "k", "v")) is None
 
@@ -370,11 +391,13 @@ def test_on_cuda_fused_quantized_products_equal_the_separate_layers(monkeypatch)
     layers = quantized_layers((3584, 512, 512), in_features=3584, group_size=128, dtype=torch.bfloat16, device="cuda")
     stored = [layer.qweight.clone() for layer in layers]
     hidden = torch.randn(8, 1, 3584, device="cuda", dtype=torch.bfloat16)
-    monkeypatch.setattr(QuantizedLinear, "cuda_kernel", "tinygemm")  # repacks the codes: no fusing then
-    for layer in layers:
-        layer(hidden)
+    monkeypatch.setattr(QuantizedLinear, "cuda_kernel", "tinygemm")  # repacks the codes: fused as repacked
+    expected = [layer(hidden) for layer in layers]
     assert all(layer.layout == "cuda" for layer in layers)
-    assert FusedProducts.of(nn.ModuleDict(dict(zip("qkv", layers))), ("q", "k", "v")) is None
+    products = FusedProducts.of(nn.ModuleDict(dict(zip("qkv", layers))), ("q", "k", "v"))
+    assert isinstance(products, FusedQuantizedProducts) and products.fused.layout == "cuda"
+    for share, reference in zip(products(hidden), expected):  # tinygemm computes each tile of 8 outputs alone
+        torch.testing.assert_close(share, reference, rtol=0, atol=0)
     monkeypatch.setattr(QuantizedLinear, "cuda_kernel", "triton")  # the codes go back to the stored form, fused
     products = FusedProducts.of(nn.ModuleDict(dict(zip("qkv", layers))), ("q", "k", "v"))
     assert isinstance(products, FusedQuantizedProducts)
@@ -399,3 +422,20 @@ def test_on_cuda_graphed_steps_of_a_quantized_model_decode_like_separate_product
                              device_map="cuda", cuda_graphs=True)
     assert_path_decodes_like_without(model, inputs, monkeypatch, FusedQuantizedProducts, "__call__",
                                      DecodingOptions(fuse_products=False))
+
+
+@cuda
+def test_on_cuda_graphed_steps_of_a_tinygemm_model_decode_like_separate_products(tiny_dirs, processors, monkeypatch):
+    """The same with tinygemm (`QuantizedLinear.cuda_kernel`'s default): fused products of its repacked codes."""
+    from conftest import image_inputs
+    from test_static_decoding import QUESTIONS, assert_path_decodes_like_without
+
+    from vlmcompress import DecodingOptions
+
+    assert QuantizedLinear.cuda_kernel == "tinygemm"
+    inputs = image_inputs(processors["qwen2_vl"], QUESTIONS).to("cuda")
+    model = vlmcompress.load(tiny_dirs["qwen2_vl"], quant="rtn", quant_group_size=32, dtype=torch.bfloat16,
+                             device_map="cuda", cuda_graphs=True)
+    assert_path_decodes_like_without(model, inputs, monkeypatch, FusedQuantizedProducts, "__call__",
+                                     DecodingOptions(fuse_products=False))
+    assert {module.layout for module in model.modules() if isinstance(module, QuantizedLinear)} == {"cuda"}

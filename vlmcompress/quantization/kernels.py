@@ -78,11 +78,11 @@ ONE_ROW_LAUNCHES = [
     (8192, 0, ProductConfig(1, 32, 512, split_k=4)),  # the fused q/k/v, 3584 -> 4608
     (math.inf, 0, ProductConfig(1, 32, 512, num_stages=3)),  # the fused gate/up, 3584 -> 37888
 ]
-FEW_ROWS_LAUNCHES = [
-    (3584, 8192, ProductConfig(DOT_ROWS, 32, 128, num_warps=4, num_stages=3)),
-    (3584, 0, ProductConfig(DOT_ROWS, 32, 128, num_warps=4, num_stages=4)),
-    (8192, 0, ProductConfig(DOT_ROWS, 64, 128, num_warps=4, num_stages=4)),
-    (math.inf, 0, ProductConfig(DOT_ROWS, 128, 128, num_warps=4, num_stages=2)),
+FEW_ROWS_LAUNCHES = [  # tuned at 8 rows (bench/results/quant_kernels_rows8_h100.json)
+    (3584, 8192, ProductConfig(DOT_ROWS, 128, 128, num_warps=4, num_stages=4, split_k=8)),
+    (3584, 0, ProductConfig(DOT_ROWS, 64, 128, num_warps=4, num_stages=4, split_k=8)),
+    (8192, 0, ProductConfig(DOT_ROWS, 128, 128, num_warps=4, num_stages=4, split_k=8)),
+    (math.inf, 0, ProductConfig(DOT_ROWS, 128, 128, num_warps=4, num_stages=4)),
 ]
 
 

@@ -33,6 +33,9 @@ from . import kernels
 from .base import dequantize_groups
 
 PLAIN, CUDA_TILED, CPU_PACKED = "plain", "cuda", "cpu"
+# output rows a kernel's layout packs together (tinygemm: tiles of 8 rows; the CPU kernel: blocks of 64): layers
+# whose widths are whole blocks concatenate their packed codes into the packing of the concatenated codes
+PACKED_ROWS = {CUDA_TILED: 8, CPU_PACKED: 64}
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -168,7 +171,7 @@ class QuantizedLinear(nn.Module):
             if layout is not None:
                 self._to_kernel_layout(layout)
         if self.layout != PLAIN and x.dtype == self.scale_and_offset.dtype:
-            x2d = x.reshape(-1, self.in_features)
+            x2d = x.reshape(-1, self.in_features).contiguous()  # the int4 kernels read rows packed (a last token)
             # a prompt: tinygemm is made for few rows (25x slower than cuBLAS in bf16 at 2408 rows on an H100,
             # bench/results/quant_kernels_h100.json), so its codes are dequantized for cuBLAS, as triton's are
             if self.layout == CUDA_TILED and x2d.shape[0] > kernels.MAX_PRODUCT_ROWS and (
@@ -188,23 +191,33 @@ def fuse_quantized_linears(layers: list[QuantizedLinear]) -> QuantizedLinear | N
     are the layers' own `qweight`, `scales`, `zeros` and biases: the first call moves them into one buffer each,
     of which the layers keep views (no second copy, as `fuse_linears` does for Linears); later calls find them
     there. None unless the layers read one input alike: the same input width, group size, bits, dtype and
-    device, no input scale (AWQ's is each layer's own), all or none with a bias, and products that read the
-    stored form (no kernel repacks their codes now, nor would the fused layer's).
+    device, no input scale (AWQ's is each layer's own), all or none with a bias, and one kernel layout for them
+    and the fused layer. In a kernel's layout (tinygemm's, the CPU's) the codes are packed by blocks of output
+    rows (`PACKED_ROWS`), so layers whose widths are whole blocks have their packed codes fused the same way;
+    the kernel's scale-and-offset table, [in / group, out, 2], is concatenated into a table of the fused
+    layer's own (a copy: 1/16 of the codes' bytes at 4 bits).
     """
     from ..decoding.step_kernels import fused_rows  # the decoding package imports this module
 
     first, out_features = layers[0], sum(layer.out_features for layer in layers)
+    layout = first.kernel_layout(out_features)
     alike = {(layer.in_features, layer.group_size, layer.bits, layer.scales.dtype, layer.scales.device,
               layer.bias is None) for layer in layers}
-    if not (len(alike) == 1 and first.scales.device.type != "meta" and first.kernel_layout(out_features) is None
-            and all(layer.input_scale is None and layer.kernel_layout() is None and not hasattr(layer, "_hf_hook")
-                    for layer in layers)):
+    if not (len(alike) == 1 and first.scales.device.type != "meta"
+            and all(layer.input_scale is None and layer.kernel_layout() == layout and not hasattr(layer, "_hf_hook")
+                    and layer.out_features % PACKED_ROWS.get(layout, 1) == 0 for layer in layers)):
         return None
-    for layer in layers:  # codes left in tinygemm's layout by an earlier `cuda_kernel`: back to the stored form
-        layer._to_plain()
+    for layer in layers:  # each in the layout the fused product reads (an earlier `cuda_kernel` may have left another)
+        if layer.layout != (layout or PLAIN):
+            layer._to_plain()
+            if layout is not None:
+                layer._to_kernel_layout(layout)
     fused = QuantizedLinear(first.in_features, out_features, first.group_size, first.bits,
                             bias=first.bias is not None, dtype=first.scales.dtype, device="meta")
     fused.qweight, fused.scales, fused.zeros = (fused_rows(layers, name) for name in ("qweight", "scales", "zeros"))
+    if layout is not None:
+        fused.scale_and_offset = torch.cat([layer.scale_and_offset for layer in layers], dim=1)
+        fused.layout = layout
     if first.bias is not None:
         fused.bias = nn.Parameter(fused_rows(layers, "bias"), requires_grad=False)
     return fused
