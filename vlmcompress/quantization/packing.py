@@ -207,6 +207,10 @@ def fuse_quantized_linears(layers: list[QuantizedLinear]) -> QuantizedLinear | N
             and all(layer.input_scale is None and layer.kernel_layout() == layout and not hasattr(layer, "_hf_hook")
                     and layer.out_features % PACKED_ROWS.get(layout, 1) == 0 for layer in layers)):
         return None
+    # tinygemm's tiles follow each other row by row where its probe says so (as on the H100): else no fusing
+    if layout == CUDA_TILED and kernels.tinygemm_tile_order(first.scales.device,
+                                                           _inner_k_tiles(first.in_features)) is None:
+        return None
     for layer in layers:  # each in the layout the fused product reads (an earlier `cuda_kernel` may have left another)
         if layer.layout != (layout or PLAIN):
             layer._to_plain()
