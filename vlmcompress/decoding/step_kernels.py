@@ -24,9 +24,8 @@ The Linears that read the same input, an attention's q/k/v projections and a gat
 one matrix product each (`FusedProducts`): at decoding's few rows a product is bound by reading its weights,
 and one long product reads them faster than several short ones. For that their weights (and biases) are
 moved, once, into one buffer of which each Linear keeps a view (`fuse_linears`): no second copy is held.
-Quantized layers that read their stored form (`QuantizedLinear` on the triton kernels, or dequantizing) are fused
-the same way, their codes, scales and zeros each in one buffer (`fuse_quantized_linears`), unless AWQ gave each its
-own input scale.
+Quantized layers (`QuantizedLinear`) are fused the same way, their codes (stored, or repacked for tinygemm), scales
+and zeros each in one buffer (`fuse_quantized_linears`), unless AWQ gave each its own input scale.
 """
 
 from __future__ import annotations
@@ -242,7 +241,7 @@ class StepKernels:
             return call
 
         fused = functools.partial(decoder_layer, add_rms_norm, silu_gate, None)
-        return cls._agrees_with(module, stubbed_attention(lambda layer, hidden: fused(layer, hidden)),
+        return cls._agrees_with(module, stubbed_attention(fused),
                                 (1, 2, parts[0].weight.numel()), original=stubbed_attention(torch.nn.Module.__call__))
 
     def __enter__(self):
@@ -279,7 +278,6 @@ def gated_mlp(gate_function, mlp: torch.nn.Module, gate_and_up: FusedProducts | 
               hidden: torch.Tensor) -> torch.Tensor:
     gate, up = gate_and_up(hidden) if gate_and_up is not None else (mlp.gate_proj(hidden), mlp.up_proj(hidden))
     return mlp.down_proj(gate_function(gate, up))
-
 
 
 def decoder_layer(add_norm, gate_function, gate_and_up: FusedProducts | None, layer: torch.nn.Module,

@@ -171,7 +171,7 @@ class QuantizedLinear(nn.Module):
             if layout is not None:
                 self._to_kernel_layout(layout)
         if self.layout != PLAIN and x.dtype == self.scale_and_offset.dtype:
-            x2d = x.reshape(-1, self.in_features).contiguous()  # the int4 kernels read rows packed (a last token)
+            x2d = x.reshape(-1, self.in_features).contiguous()  # packed rows: a batch's last tokens are strided
             # a prompt: tinygemm is made for few rows (25x slower than cuBLAS in bf16 at 2408 rows on an H100,
             # bench/results/quant_kernels_h100.json), so its codes are dequantized for cuBLAS, as triton's are
             if self.layout == CUDA_TILED and x2d.shape[0] > kernels.MAX_PRODUCT_ROWS and (
