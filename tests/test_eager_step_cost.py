@@ -1,7 +1,8 @@
-"""Eager decoding (`cuda_graphs=False`) costs what transformers' own does: a decoding step of an uncompressed or
-SnapKV model runs no more tensor operations than the upstream model's (each one a kernel launch on a GPU, where
-an eager step is launch-bound) and no Python hook; only a method that scores while decoding (H2O) adds its
-scoring.
+"""Eager decoding (`cuda_graphs=False`) costs what transformers' own does: a decoding step of an uncompressed
+model, or of any method that evicts only the prompt (SnapKV, PyramidKV, VL-Cache, LOOK-M, random), runs no more
+tensor operations than the upstream model's (each one a kernel launch on a GPU, where an eager step is
+launch-bound) and no Python hook; only methods that evict while decoding (StreamingLLM, and H2O's scoring) add
+their own work.
 
 One transformers-side difference is counted apart: older releases (5.9) crop the 2-D padding mask to the
 cache's length inside their mask preparation (`masking_utils`), which a compressed cache, holding fewer tokens
@@ -17,6 +18,7 @@ from conftest import image_inputs, upstream_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlmcompress
+from vlmcompress.testing import ARCHITECTURES
 
 QUESTIONS = {"one prompt": ("What is in the picture? Describe it in detail.",),
              "padded batch": ("What is in the picture? Describe it in detail.", "Colour?")}
@@ -60,6 +62,20 @@ def test_eager_decoding_steps_run_upstreams_operations(tiny_dirs, processors, ba
         assert total - max(0.0, masking - upstream_masking) <= upstream, options
     h2o, _ = operations_per_step(vlmcompress.load(path, kv="h2o", kv_budget=0.3, cuda_graphs=False), inputs)
     assert h2o > upstream + 3  # the counter sees a method's own decode-time work
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_method_that_evicts_only_the_prompt_decodes_eagerly_with_upstreams_operations(tiny_dirs, processors,
+                                                                                           arch):
+    inputs = image_inputs(processors[arch], QUESTIONS["one prompt"])
+    upstream, upstream_masking = operations_per_step(upstream_model(tiny_dirs[arch]), inputs)
+    for kv in ("pyramidkv", "vlcache", "lookm", "random"):
+        model = vlmcompress.load(tiny_dirs[arch], kv=kv, kv_budget=0.3, cuda_graphs=False)
+        total, masking = operations_per_step(model, inputs)
+        assert total - max(0.0, masking - upstream_masking) <= upstream, kv
+    streaming, _ = operations_per_step(vlmcompress.load(tiny_dirs[arch], kv="streamingllm", kv_budget=0.3,
+                                                        cuda_graphs=False), inputs)
+    assert streaming > upstream  # it evicts at every step
 
 
 def test_an_unpadded_prompt_decodes_without_hooks(tiny_dirs, processors):
