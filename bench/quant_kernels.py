@@ -3,7 +3,8 @@
     PYTHONPATH=$PWD python bench/quant_kernels.py --out $OUT/quant_kernels.json
 
 The four products of a decoder layer (hidden 3584, intermediate 18944, 28 heads and 4 KV heads of 128): the fused
-q/k/v (3584 -> 4608), o_proj (3584 -> 3584), the fused gate/up (3584 -> 37888) and down_proj (18944 -> 3584), with
+q/k/v (3584 -> 4608), o_proj (3584 -> 3584), the fused gate/up (3584 -> 37888) and down_proj (18944 -> 3584), and
+the output head (3584 -> 152064, quantized with `targets="language_model+lm_head"`), with
 random 4-bit codes in groups of 128 and bf16 scales (`vlmcompress.quantization`'s stored form). At decoding's
 rows (`--decode-rows`, 1, 8, 16 and 32) it times bf16 `F.linear` (cuBLAS), tinygemm (`aten._weight_int4pack_mm`:
 `QuantizedLinear`s with `cuda_kernel = "tinygemm"`, their codes repacked into its layout) and vlmcompress's
@@ -36,8 +37,9 @@ import torch.nn.functional as F
 from bench import machine_record, reproducing_command, save_rows
 from vlmcompress.quantization import QuantizedLinear, dequantize_groups, kernels, unpack_codes
 
-# (name, out_features, in_features) of Qwen2-VL-7B's language model
-SHAPES = [("qkv", 4608, 3584), ("o_proj", 3584, 3584), ("gate_up", 37888, 3584), ("down", 3584, 18944)]
+# (name, out_features, in_features) of Qwen2-VL-7B's language model, and its output head (`targets=...+lm_head`)
+SHAPES = [("qkv", 4608, 3584), ("o_proj", 3584, 3584), ("gate_up", 37888, 3584), ("down", 3584, 18944),
+          ("lm_head", 152064, 3584)]
 GROUP_SIZE = 128
 DTYPE = torch.bfloat16
 GRAPH_MS = 2.0  # each timed graph holds at least this much work
