@@ -289,6 +289,4 @@ def decoder_layer(add_norm, gate_function, gate_and_up: FusedProducts | None, la
     attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
     norm = layer.post_attention_layernorm
     hidden, residual = add_norm(attended, hidden_states, norm.weight, norm.variance_epsilon)
-    mlp = layer.mlp
-    gate, up = gate_and_up(hidden) if gate_and_up is not None else (mlp.gate_proj(hidden), mlp.up_proj(hidden))
-    return residual + mlp.down_proj(gate_function(gate, up))
+    return residual + gated_mlp(gate_function, layer.mlp, gate_and_up, hidden)

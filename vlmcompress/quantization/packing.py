@@ -35,7 +35,7 @@ from .base import dequantize_groups
 PLAIN, CUDA_TILED, CPU_PACKED = "plain", "cuda", "cpu"
 # output rows a kernel's layout packs together (tinygemm: tiles of 8 rows; the CPU kernel: blocks of 64): layers
 # whose widths are whole blocks concatenate their packed codes into the packing of the concatenated codes
-PACKED_ROWS = {CUDA_TILED: 8, CPU_PACKED: 64}
+PACKED_ROWS = {CUDA_TILED: kernels.TILE_ROWS, CPU_PACKED: 64}
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -148,6 +148,13 @@ class QuantizedLinear(nn.Module):
             return CPU_PACKED
         return None
 
+    def _take_layout(self, layout: str | None) -> None:
+        """The codes in `layout`: a kernel's, or (None) the stored form."""
+        if self.layout != (layout or PLAIN):
+            self._to_plain()
+            if layout is not None:
+                self._to_kernel_layout(layout)
+
     def _to_kernel_layout(self, layout: str) -> None:
         if layout == CUDA_TILED:
             tiled = torch.ops.aten._convert_weight_to_int4pack(self.qweight.contiguous(), _inner_k_tiles(self.in_features))
@@ -166,10 +173,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
-        if self.layout != (layout := self.kernel_layout()):  # first product, or `cuda_kernel` switched since
-            self._to_plain()
-            if layout is not None:
-                self._to_kernel_layout(layout)
+        self._take_layout(self.kernel_layout())  # the first product, or `cuda_kernel` switched since, repacks
         if self.layout != PLAIN and x.dtype == self.scale_and_offset.dtype:
             x2d = x.reshape(-1, self.in_features).contiguous()  # packed rows: a batch's last tokens are strided
             # a prompt: tinygemm is made for few rows (25x slower than cuBLAS in bf16 at 2408 rows on an H100,
@@ -212,10 +216,7 @@ def fuse_quantized_linears(layers: list[QuantizedLinear]) -> QuantizedLinear | N
                                                            _inner_k_tiles(first.in_features)) is None:
         return None
     for layer in layers:  # each in the layout the fused product reads (an earlier `cuda_kernel` may have left another)
-        if layer.layout != (layout or PLAIN):
-            layer._to_plain()
-            if layout is not None:
-                layer._to_kernel_layout(layout)
+        layer._take_layout(layout)
     fused = QuantizedLinear(first.in_features, out_features, first.group_size, first.bits,
                             bias=first.bias is not None, dtype=first.scales.dtype, device="meta")
     fused.qweight, fused.scales, fused.zeros = (fused_rows(layers, name) for name in ("qweight", "scales", "zeros"))
