@@ -160,6 +160,16 @@ def test_split_launches_are_powers_of_two():
     assert ProductConfig(16, 16, 64, split_k=2).fitted(256, 64).split_k == 2
 
 
+def test_the_product_refuses_codes_not_laid_out_row_by_row():
+    """The kernels step through each output row's bytes: a transposed view of the codes would be read as other
+    codes (as once happened to codes read back from tinygemm's layout), so it is refused before any launch."""
+    codes, scales, zeros, bias, packed = random_layer(16, 64, 32, torch.bfloat16)
+    column_major = packed.t().contiguous().t()
+    assert torch.equal(column_major, packed)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.quantized_product(torch.randn(1, 64, dtype=torch.bfloat16), column_major, scales, zeros, bias, 32)
+
+
 @interpreted
 @pytest.mark.parametrize("rows", [4, 65])
 def test_interpreted_quantized_linear_takes_few_rows_to_the_product_and_more_to_dequantizing(rows, monkeypatch):

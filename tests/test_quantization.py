@@ -195,6 +195,9 @@ def test_codes_read_back_from_the_kernel_layout_across_chunks_of_inputs():
     module = QuantizedLinear.from_codes(linear, codes, scales.to(torch.bfloat16), zeros, 4)
     module(torch.randn(1, 2560, dtype=torch.bfloat16))
     assert module.layout == "cpu" and torch.equal(module.codes(), codes)
+    # back in the stored form the codes are row-major, as the triton kernels read them (they come back transposed)
+    module._take_layout(None)
+    assert module.layout == "plain" and module.qweight.is_contiguous() and torch.equal(module.codes(), codes)
 
 
 @pytest.mark.parametrize("dtype, out_features", [(torch.float32, 32), (torch.bfloat16, 24)])

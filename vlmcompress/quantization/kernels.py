@@ -281,6 +281,8 @@ def quantized_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     `config`: a launch (`product_config(...)` by default)."""
     rows, in_features = x.shape
     out_features = qweight.shape[0]
+    if qweight.stride(1) != 1:
+        raise ValueError("quantized_product reads qweight row by row: pass it contiguous (pack_codes makes it so)")
     config = (config or product_config(rows, out_features, in_features)).fitted(in_features, group_size)
     if rows > 1 and config.block_m == 1:
         raise ValueError(f"a one-row launch takes one row, not {rows}")

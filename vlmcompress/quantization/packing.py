@@ -39,9 +39,10 @@ PACKED_ROWS = {CUDA_TILED: kernels.TILE_ROWS, CPU_PACKED: 64}
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [out, in] (values 0..15, in even) -> [out, in / 2], column 2j in the high nibble."""
+    """uint8 codes [out, in] (values 0..15, in even) -> [out, in / 2], column 2j in the high nibble, row-major
+    (the kernels step through a row's bytes; codes read back from a kernel's layout come transposed)."""
     codes = codes.to(torch.uint8)
-    return (codes[:, 0::2] << 4) | codes[:, 1::2]
+    return ((codes[:, 0::2] << 4) | codes[:, 1::2]).contiguous()
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
