@@ -8,11 +8,19 @@ room), bf16. For each backend torch can run under that mask, for the plain matmu
 and for vlmcompress's split-KV kernels (`vlmcompress/decoding/split_kv.py`, what `vlmcompress_sdpa` runs on CUDA), it
 reports microseconds per layer call and the bandwidth of reading K and V once, from CUDA
 events over many calls (median of 5 rounds).
+
+    python bench/decode_attention.py --tune --shapes qwen2_7b_b8_full,qwen2_7b_b8_10pct --out results/tune.json
+
+`--tune` times instead every candidate launch of the split-KV kernels (`split_kv.AttentionLaunch`: slots per
+step, programs per multiprocessor, warps, stages) as a decoding step runs them: replayed from a CUDA graph,
+over copies of K and V that together exceed the L2 cache (one per layer, as the layers' caches do).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import statistics
 
@@ -20,6 +28,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import announce_cuda_run
+from quant_kernels import copies_beyond_l2
+from quant_kernels import time_us as graphed_time_us
 from vlmcompress.decoding import split_kv
 
 # (name, batch, kv_heads, groups, slots): Qwen2-7B at batch 8 and InternLM2.5-7B at batch 32, with a
@@ -56,19 +66,73 @@ def time_us(fn, calls: int = 200) -> float:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tune", action="store_true", help="time every split-KV launch instead of the backends")
+    parser.add_argument("--shapes", default=",".join(shape[0] for shape in SHAPES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     command, machine = announce_cuda_run("decode_attention.py", argv)
     rows = []
-    for name, batch, kv_heads, groups, slots in SHAPES:
-        query = torch.randn(batch, kv_heads, groups, 128, dtype=torch.bfloat16, device="cuda")
-        key, value = (torch.randn(batch, kv_heads, slots, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-        mask = torch.zeros(batch, kv_heads, 1, slots, dtype=torch.bfloat16, device="cuda")
-        mask[..., slots - 64:] = torch.finfo(torch.bfloat16).min  # unfilled room
+    for shape in [shape for shape in SHAPES if shape[0] in args.shapes.split(",")]:
+        rows += tune([shape]) if args.tune else compare_backends([shape])
+        if args.out:  # after each shape: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({"command": command, "machine": machine, "rows": rows}, f, indent=1)
+    return rows
+
+
+def decoding_case(batch: int, kv_heads: int, groups: int, slots: int):
+    query = torch.randn(batch, kv_heads, groups, 128, dtype=torch.bfloat16, device="cuda")
+    key, value = (torch.randn(batch, kv_heads, slots, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    mask = torch.zeros(batch, kv_heads, 1, slots, dtype=torch.bfloat16, device="cuda")
+    mask[..., slots - 64:] = torch.finfo(torch.bfloat16).min  # unfilled room
+    return query, key, value, mask
+
+
+def candidate_launches() -> list[split_kv.AttentionLaunch]:
+    return [split_kv.AttentionLaunch(block, programs, warps, stages) for block in (32, 64, 128)
+            for programs in (1, 2, 4, 8) for warps in (2, 4, 8) for stages in (1, 2, 3, 4)]
+
+
+def tune(shapes) -> list[dict]:
+    rows = []
+    scale = 128 ** -0.5
+    for name, batch, kv_heads, groups, slots in shapes:
+        cases = [decoding_case(batch, kv_heads, groups, slots)
+                 for _ in range(copies_beyond_l2(2 * batch * kv_heads * slots * 128 * 2))]
+        query, key, value, mask = cases[0]
+        reference = matmul_softmax(query.float(), key.float(), value.float(), mask.float(), scale)
+        kv_bytes = 2 * key.numel() * key.element_size()
+        timed = []
+        for launch in candidate_launches():
+            row = {"shape": name, "batch": batch, "kv_heads": kv_heads, "groups": groups, "slots": slots,
+                   "launch": dataclasses.asdict(launch), "default": launch == split_kv.LAUNCH}
+            try:
+                error = (split_kv.split_kv_attention(query, key, value, mask, scale, launch=launch).float()
+                         - reference).abs().max().item()
+                us = graphed_time_us([functools.partial(split_kv.split_kv_attention, *case, scale, launch=launch)
+                                      for case in cases])
+                row.update(us=us, gb_s=kv_bytes / us / 1e3, max_abs_error=error)
+                timed.append(row)
+            except Exception as failure:  # noqa: BLE001 - e.g. out of shared memory: reported, the others run
+                row["error"] = f"{type(failure).__name__}: {str(failure).splitlines()[0][:160]}"
+            rows.append(row)
+        default = next(row for row in timed if row["default"])
+        for row in sorted(timed, key=lambda row: row["us"])[:3] + [default]:
+            print(json.dumps(row), flush=True)
+        del cases
+        torch.cuda.empty_cache()
+    return rows
+
+
+def compare_backends(shapes) -> list[dict]:
+    rows = []
+    for name, batch, kv_heads, groups, slots in shapes:
+        query, key, value, mask = decoding_case(batch, kv_heads, groups, slots)
         scale = 128 ** -0.5
         reference = matmul_softmax(query.float(), key.float(), value.float(), mask.float(), scale)
         kv_bytes = 2 * key.numel() * key.element_size()
-        candidates = {backend: (lambda b=b: _sdpa(b, query, key, value, mask, scale)) for backend, b in BACKENDS.items()}
+        candidates = {backend: (lambda b=b: _sdpa(b, query, key, value, mask, scale))
+                      for backend, b in BACKENDS.items()}
         candidates["matmul_softmax"] = lambda: matmul_softmax(query, key, value, mask, scale)
         candidates["split_kv"] = lambda: split_kv.split_kv_attention(query, key, value, mask, scale)
         for backend, fn in candidates.items():
@@ -82,9 +146,6 @@ def main(argv=None) -> list[dict]:
                 row["error"] = str(failure).splitlines()[0][:160]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"command": command, "machine": machine, "rows": rows}, f, indent=1)
     return rows
 
 

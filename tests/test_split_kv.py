@@ -62,6 +62,18 @@ def test_interpreted_split_kv_attention_equals_the_softmax_over_all_slots(shape,
 
 
 @interpreted
+@pytest.mark.parametrize("launch", [split_kv.AttentionLaunch(block_slots=32, programs_per_multiprocessor=8),
+                                    split_kv.AttentionLaunch(block_slots=128, num_warps=8, num_stages=1),
+                                    split_kv.AttentionLaunch(block_slots=16, programs_per_multiprocessor=1)])
+def test_interpreted_every_launch_computes_the_same_attention(launch):
+    """The launches `bench/decode_attention.py --tune` tries: other steps, chunk counts, warps and stages."""
+    query, key, value, mask = random_case(2, 2, 7, 300, 64, torch.float16, per_row_mask=True)
+    ours = split_kv.split_kv_attention(query, key, value, mask, 0.125, launch=launch)
+    torch.testing.assert_close(ours.double(), literal_attention(query, key, value, mask, 0.125), rtol=2e-3,
+                               atol=2e-3)
+
+
+@interpreted
 def test_interpreted_a_chunk_with_every_slot_masked_adds_nothing():
     """The padded sample's second half is masked: with four chunks, two of them see no slot it may attend."""
     query, key, value, mask = random_case(2, 2, 7, 256, 64, torch.float16)

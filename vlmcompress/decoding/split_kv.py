@@ -17,6 +17,7 @@ else, and for masks it does not take (boolean), `vlmcompress_sdpa` calls SDPA as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -26,9 +27,24 @@ import torch
 from .. import compilation
 from .options import active
 
-BLOCK_SLOTS = 64  # slots one program step loads; a chunk is a multiple of it
-PROGRAMS_PER_MULTIPROCESSOR = 2  # how many chunks to aim for: enough programs to fill the GPU twice over
 MERGE_BLOCK_SPLITS = 16  # chunks whose results one merge step loads together
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLaunch:
+    """How `attend_chunk` runs: `block_slots` slots a program step loads (a chunk is a multiple of it), enough
+    chunks per (sample, KV head) for about `programs_per_multiprocessor` programs on each multiprocessor, and
+    triton's warps and pipeline stages."""
+
+    block_slots: int = 64
+    programs_per_multiprocessor: int = 2
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# the default; bench/decode_attention.py --tune found none faster by more than 3 % at Qwen2-7B's batch-8 shapes
+# on an H100 (bench/results/decode_attention_tune_h100.json)
+LAUNCH = AttentionLaunch()
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,18 +116,20 @@ def _kernels(interpret: str | None):
 
 
 def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                       scale: float, splits: int | None = None) -> torch.Tensor:
+                       scale: float, splits: int | None = None,
+                       launch: AttentionLaunch | None = None) -> torch.Tensor:
     """softmax(query · keyᵀ · scale + mask) · value for `query` `[b, kv_heads, groups, d]` (a group's query heads
     as rows), `key`/`value` `[b, kv_heads, slots, d]`, an additive `mask` broadcastable to `[b, kv_heads,
     groups, slots]`; returns `[b, kv_heads, groups, d]` in the query's dtype. `splits`: how many chunks the
-    slots go into (by default enough programs to fill the GPU twice, `PROGRAMS_PER_MULTIPROCESSOR`)."""
+    slots go into (by default as `launch` says); `launch`: by default `LAUNCH`."""
     batch, kv_heads, groups, dim = query.shape
     slots = key.shape[2]
+    launch = launch or LAUNCH
     rows = batch * kv_heads
     if splits is None:
-        splits = math.ceil(PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(query.device) / rows)
-    splits = max(1, min(splits, math.ceil(slots / BLOCK_SLOTS)))
-    chunk = BLOCK_SLOTS * math.ceil(slots / splits / BLOCK_SLOTS)  # slots per chunk, a multiple of the block
+        splits = math.ceil(launch.programs_per_multiprocessor * _multiprocessors(query.device) / rows)
+    splits = max(1, min(splits, math.ceil(slots / launch.block_slots)))
+    chunk = launch.block_slots * math.ceil(slots / splits / launch.block_slots)  # a multiple of the block
     splits = math.ceil(slots / chunk)  # every chunk holds at least one slot
     block_g = max(16, next_power_of_2(groups))  # tl.dot takes at least 16 rows
     query = query if query.stride(-1) == 1 else query.contiguous()
@@ -123,7 +141,8 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     attend_chunk[(rows, splits)](
         query, key, value, mask, parts, lse, scale, slots, chunk, kv_heads, groups,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *mask.stride(),
-        BLOCK_G=block_g, BLOCK_N=BLOCK_SLOTS, DIM=dim)
+        BLOCK_G=block_g, BLOCK_N=launch.block_slots, DIM=dim, num_warps=launch.num_warps,
+        num_stages=launch.num_stages)
     merge_chunks[(rows, groups)](parts, lse, out, splits, kv_heads, groups, *out.stride()[:3], BLOCK_G=block_g,
                                  BLOCK_S=min(MERGE_BLOCK_SPLITS, next_power_of_2(splits)), DIM=dim)
     return out
