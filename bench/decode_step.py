@@ -11,7 +11,7 @@ product per Linear) and `--split-kv` mode (`on`: the decoding attention through 
 4-bit in groups of 128, `vlmcompress.quantization`, on `--w4-kernel`'s CUDA kernel), it runs `generate` and
 reports
 per decoding step, medians in milliseconds:
-  step_ms         wall time of a decoding step of `generate` (all tokens but the first)
+  step_ms         wall time of a decoding step of `generate` (all tokens but the first; median over `--rounds`)
   replay_ms       the captured language-model graph replayed back to back, device time (CUDA events)
   outside_ms      device time from the end of one replay to the start of the next one's inputs: what
                   `generate` runs outside the graph (embedding, `lm_head`, logits processing) plus idle
@@ -151,8 +151,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--weights", default="bf16", choices=["bf16", "w4"])
     parser.add_argument("--w4-kernel", default="triton", choices=["triton", "tinygemm"],
                         help="QuantizedLinear.cuda_kernel of --weights w4")
+    parser.add_argument("--rounds", type=int, default=3, help="generates timed per row (median of the rounds)")
     parser.add_argument("--out", default=None, help="a JSON file for the rows")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: at least 1")
     command, machine = announce_cuda_run("decode_step.py", argv)
     device = torch.device("cuda")
     bandwidth = hbm_bandwidth(device)
@@ -181,16 +184,22 @@ def main(argv=None) -> list[dict]:
             return model.generate(**inputs, do_sample=False, min_new_tokens=tokens, max_new_tokens=tokens)
 
         generate(args.new_tokens)  # warm-up
-        first = statistics.median(timed(lambda: generate(1), device)[0] for _ in range(2))
-        recorder.reset()
-        total, _ = timed(lambda: generate(args.new_tokens), device)
+        # each round a one-token generate and a full one back to back: the median of their differences (the
+        # 1.2 s prefill of a batch-8 prompt varies by more than a step's share of the difference)
+        differences = []
+        for _ in range(args.rounds):
+            first, _ = timed(lambda: generate(1), device)
+            recorder.reset()  # the last round's steps are the ones split below
+            total, _ = timed(lambda: generate(args.new_tokens), device)
+            differences.append(total - first)
+        difference = statistics.median(differences)
         row = {"model": args.model, "weights": args.weights,
                "w4_kernel": args.w4_kernel if args.weights == "w4" else None, "method": spec, "budget": budget,
                "batch": args.batch,
                "stop_check": stop_check, "compile": compiled, "fuse": fused, "split_kv": split,
-               "step_ms": (total - first) / (args.new_tokens - 1) * 1e3,
+               "step_ms": difference / (args.new_tokens - 1) * 1e3, "rounds": args.rounds,
                **recorder.split(), **recorder.replay()}
-        row["fixed_ms"] = (total - first) * 1e3 - (args.new_tokens - 1) * row["period_ms"]
+        row["fixed_ms"] = difference * 1e3 - (args.new_tokens - 1) * row["period_ms"]
         row["kv_bytes"] = model.compression_stats["kv_bytes"]
         floor = decode_floor(model, row, args.new_tokens, bandwidth)
         row["floor_ms"] = floor * 1e3 if floor else None
