@@ -25,15 +25,18 @@ warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(function, backend: str):
+def compiled(function, backend: str, combo_kernels: bool = False):
     """`function` compiled once per process; shapes become dynamic at the second shape seen, so batches,
-    prompts and models share one compilation rather than running into dynamo's recompilation limit."""
+    prompts and models share one compilation rather than running into dynamo's recompilation limit.
+    `combo_kernels`: inductor runs independent pointwise kernels of `function` as one (the decoding step's
+    rotary embedding of queries and keys: 28 fewer kernels a step of Qwen2-7B, 0.045 ms of 5.9 on an H100,
+    docs/benchmarks.md; not measured for the prompt's scoring kernels, which keep them apart)."""
+    if backend != "inductor":
+        return torch.compile(function, backend=backend)
     # inductor rounds each intermediate to its dtype as eager does (a bf16 residual sum before the norm that reads
-    # it), so that compiled steps compute transformers' values, not more precise ones; independent pointwise
-    # kernels of one function run as one ("combo kernels": the rotary embedding of the queries and the keys,
-    # 28 fewer kernels a step of Qwen2-7B, 0.045 ms of 5.9 on an H100, docs/benchmarks.md)
-    options = {"options": {"emulate_precision_casts": True, "combo_kernels": True}} if backend == "inductor" else {}
-    return torch.compile(function, backend=backend, **options)
+    # it), so that compiled steps compute transformers' values, not more precise ones
+    options = {"emulate_precision_casts": True, "combo_kernels": combo_kernels}
+    return torch.compile(function, backend=backend, options=options)
 
 
 def _probe(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

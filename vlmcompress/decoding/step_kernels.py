@@ -181,7 +181,8 @@ class StepKernels:
         self.upstream_rotary = {}
 
     def _pointwise(self, function):
-        return compilation.compiled(function, compilation.COMPILE_BACKEND) if self.compile else function
+        return compilation.compiled(function, compilation.COMPILE_BACKEND, combo_kernels=True) if self.compile \
+            else function
 
     @classmethod
     def _agrees_with(cls, module: torch.nn.Module, replacement, probe_shape, variant: type | None = None,
