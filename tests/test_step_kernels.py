@@ -293,8 +293,16 @@ def test_on_cuda_graphed_steps_with_fused_products_decode_like_separate_ones(tin
     calls = []
     original = FusedProducts.__call__
     monkeypatch.setattr(FusedProducts, "__call__", lambda self, hidden: calls.append(1) or original(self, hidden))
+    libraries = []
+    original_enter = StepKernels.__enter__
+    monkeypatch.setattr(StepKernels, "__enter__", lambda self: original_enter(self) or libraries.append(
+        torch.backends.cuda.preferred_blas_library()))
+    before = torch.backends.cuda.preferred_blas_library()
     fused = greedy(model, inputs)
     assert calls  # captured once, so counted in the eager run and the capture only
+    # the step's products went through cuBLASLt, and the process's preference is back as it was
+    assert libraries and set(libraries) == {torch._C._BlasBackend.Cublaslt}
+    assert torch.backends.cuda.preferred_blas_library() == before
     model.compression = dataclasses.replace(model.compression, decoding=DecodingOptions(fuse_products=False))
     calls.clear()
     separate = greedy(model, inputs)
