@@ -65,8 +65,10 @@ def test_interpreted_split_kv_attention_equals_the_softmax_over_all_slots(shape,
 @pytest.mark.parametrize("launch", [split_kv.AttentionLaunch(block_slots=32, programs_per_multiprocessor=8),
                                     split_kv.AttentionLaunch(block_slots=128, num_warps=8, num_stages=1),
                                     split_kv.AttentionLaunch(block_slots=16, programs_per_multiprocessor=1)])
-def test_interpreted_every_launch_computes_the_same_attention(launch):
-    """The launches `bench/decode_attention.py --tune` tries: other steps, chunk counts, warps and stages."""
+def test_interpreted_every_launch_computes_the_same_attention(launch, monkeypatch):
+    """The launches `bench/decode_attention.py --tune` tries: other steps, chunk counts, warps and stages (on
+    a device of 8 multiprocessors, so that the 4 rows split into 2 to 10 chunks)."""
+    monkeypatch.setattr(split_kv, "_multiprocessors", lambda device: 8)
     query, key, value, mask = random_case(2, 2, 7, 300, 64, torch.float16, per_row_mask=True)
     ours = split_kv.split_kv_attention(query, key, value, mask, 0.125, launch=launch)
     torch.testing.assert_close(ours.double(), literal_attention(query, key, value, mask, 0.125), rtol=2e-3,
@@ -82,6 +84,15 @@ def test_interpreted_a_chunk_with_every_slot_masked_adds_nothing():
     torch.testing.assert_close(ours.double(), literal_attention(query, key, value, mask, 0.125), rtol=2e-3,
                                atol=2e-3)
     assert ours[0].abs().max() < 10
+
+
+def test_chunks_fill_the_multiprocessors_about_twice_unless_the_rows_alone_fill_them():
+    launch = split_kv.AttentionLaunch()
+    assert launch.chunks(rows=32, multiprocessors=132) == 9  # Qwen2-7B at batch 8: 288 programs
+    assert launch.chunks(rows=131, multiprocessors=132) == 3
+    assert launch.chunks(rows=132, multiprocessors=132) == 1
+    assert launch.chunks(rows=256, multiprocessors=132) == 1  # InternLM2.5-7B at batch 32
+    assert split_kv.AttentionLaunch(programs_per_multiprocessor=4).chunks(rows=32, multiprocessors=132) == 17
 
 
 def test_decoding_on_the_cpu_goes_to_sdpa():
