@@ -73,7 +73,7 @@ def main(argv=None) -> list[dict]:
     command, machine = announce_cuda_run("decode_attention.py", argv)
     rows = []
     for shape in [shape for shape in SHAPES if shape[0] in args.shapes.split(",")]:
-        rows += tune([shape]) if args.tune else compare_backends([shape])
+        rows += tune(*shape) if args.tune else compare_backends(*shape)
         if args.out:  # after each shape: a run cut short keeps what it measured
             with open(args.out, "w") as f:
                 json.dump({"command": command, "machine": machine, "rows": rows}, f, indent=1)
@@ -93,59 +93,55 @@ def candidate_launches() -> list[split_kv.AttentionLaunch]:
             for programs in (1, 2, 4, 8) for warps in (2, 4, 8) for stages in (1, 2, 3, 4)]
 
 
-def tune(shapes) -> list[dict]:
-    rows = []
+def tune(name: str, batch: int, kv_heads: int, groups: int, slots: int) -> list[dict]:
     scale = 128 ** -0.5
-    for name, batch, kv_heads, groups, slots in shapes:
-        cases = [decoding_case(batch, kv_heads, groups, slots)
-                 for _ in range(copies_beyond_l2(2 * batch * kv_heads * slots * 128 * 2))]
-        query, key, value, mask = cases[0]
-        reference = matmul_softmax(query.float(), key.float(), value.float(), mask.float(), scale)
-        kv_bytes = 2 * key.numel() * key.element_size()
-        timed = []
-        for launch in candidate_launches():
-            row = {"shape": name, "batch": batch, "kv_heads": kv_heads, "groups": groups, "slots": slots,
-                   "launch": dataclasses.asdict(launch), "default": launch == split_kv.LAUNCH}
-            try:
-                error = (split_kv.split_kv_attention(query, key, value, mask, scale, launch=launch).float()
-                         - reference).abs().max().item()
-                us = graphed_time_us([functools.partial(split_kv.split_kv_attention, *case, scale, launch=launch)
-                                      for case in cases])
-                row.update(us=us, gb_s=kv_bytes / us / 1e3, max_abs_error=error)
-                timed.append(row)
-            except Exception as failure:  # noqa: BLE001 - e.g. out of shared memory: reported, the others run
-                row["error"] = f"{type(failure).__name__}: {str(failure).splitlines()[0][:160]}"
-            rows.append(row)
-        default = next(row for row in timed if row["default"])
-        for row in sorted(timed, key=lambda row: row["us"])[:3] + [default]:
-            print(json.dumps(row), flush=True)
-        del cases
-        torch.cuda.empty_cache()
+    cases = [decoding_case(batch, kv_heads, groups, slots)
+             for _ in range(copies_beyond_l2(2 * batch * kv_heads * slots * 128 * 2))]
+    query, key, value, mask = cases[0]
+    reference = matmul_softmax(query.float(), key.float(), value.float(), mask.float(), scale)
+    kv_bytes = 2 * key.numel() * key.element_size()
+    rows, timed = [], []
+    for launch in candidate_launches():
+        row = {"shape": name, "batch": batch, "kv_heads": kv_heads, "groups": groups, "slots": slots,
+               "launch": dataclasses.asdict(launch), "default": launch == split_kv.LAUNCH}
+        try:
+            error = (split_kv.split_kv_attention(query, key, value, mask, scale, launch=launch).float()
+                     - reference).abs().max().item()
+            us = graphed_time_us([functools.partial(split_kv.split_kv_attention, *case, scale, launch=launch)
+                                  for case in cases])
+            row.update(us=us, gb_s=kv_bytes / us / 1e3, max_abs_error=error)
+            timed.append(row)
+        except Exception as failure:  # noqa: BLE001 - e.g. out of shared memory: reported, the others run
+            row["error"] = f"{type(failure).__name__}: {str(failure).splitlines()[0][:160]}"
+        rows.append(row)
+    default = next(row for row in timed if row["default"])
+    for row in sorted(timed, key=lambda row: row["us"])[:3] + [default]:
+        print(json.dumps(row), flush=True)
+    del cases
+    torch.cuda.empty_cache()
     return rows
 
 
-def compare_backends(shapes) -> list[dict]:
+def compare_backends(name: str, batch: int, kv_heads: int, groups: int, slots: int) -> list[dict]:
+    query, key, value, mask = decoding_case(batch, kv_heads, groups, slots)
+    scale = 128 ** -0.5
+    reference = matmul_softmax(query.float(), key.float(), value.float(), mask.float(), scale)
+    kv_bytes = 2 * key.numel() * key.element_size()
+    candidates = {backend: (lambda b=b: _sdpa(b, query, key, value, mask, scale)) for backend, b in BACKENDS.items()}
+    candidates["matmul_softmax"] = lambda: matmul_softmax(query, key, value, mask, scale)
+    candidates["split_kv"] = lambda: split_kv.split_kv_attention(query, key, value, mask, scale)
     rows = []
-    for name, batch, kv_heads, groups, slots in shapes:
-        query, key, value, mask = decoding_case(batch, kv_heads, groups, slots)
-        scale = 128 ** -0.5
-        reference = matmul_softmax(query.float(), key.float(), value.float(), mask.float(), scale)
-        kv_bytes = 2 * key.numel() * key.element_size()
-        candidates = {backend: (lambda b=b: _sdpa(b, query, key, value, mask, scale))
-                      for backend, b in BACKENDS.items()}
-        candidates["matmul_softmax"] = lambda: matmul_softmax(query, key, value, mask, scale)
-        candidates["split_kv"] = lambda: split_kv.split_kv_attention(query, key, value, mask, scale)
-        for backend, fn in candidates.items():
-            row = {"shape": name, "batch": batch, "kv_heads": kv_heads, "groups": groups, "slots": slots,
-                   "backend": backend}
-            try:
-                error = (fn().float() - reference).abs().max().item()
-                us = time_us(fn)
-                row.update(us=us, gb_s=kv_bytes / us / 1e3, max_abs_error=error)
-            except RuntimeError as failure:  # a backend that cannot take this mask or shape
-                row["error"] = str(failure).splitlines()[0][:160]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for backend, fn in candidates.items():
+        row = {"shape": name, "batch": batch, "kv_heads": kv_heads, "groups": groups, "slots": slots,
+               "backend": backend}
+        try:
+            error = (fn().float() - reference).abs().max().item()
+            us = time_us(fn)
+            row.update(us=us, gb_s=kv_bytes / us / 1e3, max_abs_error=error)
+        except RuntimeError as failure:  # a backend that cannot take this mask or shape
+            row["error"] = str(failure).splitlines()[0][:160]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 

@@ -22,7 +22,7 @@ A pre-norm decoder layer (`h = x + attn(norm(x))`, `h + mlp(norm(h))`: Llama's, 
 residual add with the post-attention RMSNorm (`decoder_layer`, `add_rms_norm`: one kernel where compiled). A
 layer class is taken only if its own forward, with its attention stubbed, gives `decoder_layer`'s values on a
 random input. (The second add inside the down projection's product, `torch.addmm`, saved nothing on an H100:
-cuBLAS copies the residual into the output first, one copy kernel per add saved.)
+cuBLAS copies the residual into the output first, a copy kernel for each add kernel saved.)
 
 The Linears that read the same input, an attention's q/k/v projections and a gated MLP's gate and up, run as
 one matrix product each (`FusedProducts`): at decoding's few rows a product is bound by reading its weights,
