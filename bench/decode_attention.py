@@ -70,6 +70,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--shapes", default=",".join(shape[0] for shape in SHAPES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    unknown = set(args.shapes.split(",")) - {shape[0] for shape in SHAPES}
+    if unknown:
+        raise SystemExit(f"unknown --shapes {', '.join(sorted(unknown))}: choose from "
+                         f"{', '.join(shape[0] for shape in SHAPES)}")
     command, machine = announce_cuda_run("decode_attention.py", argv)
     rows = []
     for shape in [shape for shape in SHAPES if shape[0] in args.shapes.split(",")]:

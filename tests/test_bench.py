@@ -146,6 +146,14 @@ def test_cuda_timers_need_a_gpu_and_say_so(script):
         module.main([])
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    ("decode_attention", ["--tune", "--shapes", "qwen2_7b_b8_full,qwen3"], "unknown --shapes qwen3: choose from"),
+    ("decode_step", ["--rounds", "0"], "--rounds 0: at least 1")])
+def test_bad_bench_options_stop_before_any_gpu_work(script, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        __import__(script).main(argv)
+
+
 def test_workload_benchmark_runs_at_toy_size(tiny_dirs, tmp_path):
     """Every kind of path (transformers' two, an uncompressed and compressed vlmcompress model, pruning) through
     the whole script on the CPU; the ratios are computed against the rows of the same batch."""
